@@ -1,0 +1,146 @@
+"""The ``carsynth`` command: parse flags, call the Python API, print, and choose the exit code.
+
+Each subcommand is a pair of functions, ``_<name>_arguments`` (its flags) and ``_<name>`` (the
+call into the API). A :class:`~carsynth.errors.UsageError` anywhere becomes one line on stderr
+and exit code 2; Ctrl-C exits with 130 after the API has stored what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from carsynth import __version__
+from carsynth.errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a UsageError (one line, exit 2) like every other."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key, value
+
+
+# ---------------------------------------------------------------------------------------- collect
+def _collect_arguments(p: argparse.ArgumentParser) -> None:
+    from carsynth.collect.workers import CollectConfig
+
+    d = CollectConfig(out="")
+    p.add_argument("--out", required=True, help="output frame file (.h5)")
+    p.add_argument("--episodes", type=int, default=d.episodes, help="episodes in the whole run")
+    p.add_argument("--workers", type=int, default=d.workers, help="processes (0: all cores)")
+    p.add_argument("--policy", default=d.policy, help="random, brownian, pilot or module:callable")
+    p.add_argument(
+        "--policy-arg", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
+        help="a policy parameter (repeatable), e.g. steer_noise=0.3",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed, help="episode k uses env seed SEED+k")
+    p.add_argument("--size", type=int, default=d.size, help="stored frames are SIZE x SIZE")
+    p.add_argument("--crop-hud", action="store_true", help="drop the dashboard rows first")
+    p.add_argument("--skip-frames", type=int, default=d.skip_frames, help="unrecorded first steps")
+    p.add_argument("--frame-skip", type=int, default=d.frame_skip, help="record every k-th frame")
+    p.add_argument("--env", dest="env_id", default=d.env_id, help="gymnasium env id")
+    p.add_argument("--domain-randomize", action="store_true", help="CarRacing colour randomisation")
+    p.add_argument("--lap-complete-percent", type=float, default=d.lap_complete_percent)
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="env steps per episode")
+    p.add_argument("--renderer", choices=("fast", "stock"), default=d.renderer)
+    p.add_argument("--holdout", type=float, default=d.holdout, help="share of holdout episodes")
+    p.add_argument("--shard", default="0/1", help="I/N: collect the I-th of N seed blocks")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from carsynth.collect.workers import CollectConfig, collect, parse_shard
+
+    config = CollectConfig(
+        out=args.out, episodes=args.episodes, workers=args.workers, policy=args.policy,
+        policy_args=dict(args.policy_arg), seed=args.seed, size=args.size,
+        crop_hud=args.crop_hud, skip_frames=args.skip_frames, frame_skip=args.frame_skip,
+        env_id=args.env_id, domain_randomize=args.domain_randomize,
+        lap_complete_percent=args.lap_complete_percent, max_steps=args.max_steps,
+        renderer=args.renderer, holdout=args.holdout, shard=parse_shard(args.shard),
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
+    path = collect(config)
+    print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ merge
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="shard files")
+    p.add_argument("--out", required=True, help="merged file")
+    p.add_argument("--virtual", action="store_true", help="HDF5 virtual dataset, no copy")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from carsynth.storage import merge
+
+    path = merge(args.inputs, args.out, virtual=args.virtual, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- info
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a carsynth frame file")
+    p.add_argument("--grid", metavar="PNG", help="write a contact sheet of frames to PNG")
+    p.add_argument("--grid-size", type=int, default=64, help="frames in the contact sheet")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _info(args: argparse.Namespace) -> int:
+    from carsynth.info import describe, write_grid
+
+    summary = describe(args.file)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            print(f"{key:<{width}}  {value}")
+    if args.grid:
+        write_grid(args.file, args.grid, count=args.grid_size)
+        print(f"wrote {args.grid}")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "collect": ("record CarRacing rollouts to a frame file", _collect_arguments, _collect),
+    "merge": ("join shard files into one", _merge_arguments, _merge),
+    "info": ("check a frame file and print its contents", _info_arguments, _info),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="carsynth", description="Validated synthetic CarRacing frames.")
+    parser.add_argument("--version", action="version", version=f"carsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``carsynth`` console script; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command][2](args)
+    except UsageError as error:
+        print(f"carsynth: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("carsynth: interrupted; what was finished is stored", file=sys.stderr)
+        return 130

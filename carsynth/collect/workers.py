@@ -1,0 +1,306 @@
+"""Parallel rollouts with an ordered hand-off to the writer.
+
+Episode k of a run uses the environment seed ``seed + k`` and a policy random generator seeded from
+that number alone, so its frames depend on nothing else: not on the worker that ran it, nor on the
+timing of the others. The main process writes episodes strictly in k order, holding back those
+that finish early, and keeps at most ``2 * workers`` episodes in flight, so memory stays flat
+however many episodes are asked for. The file therefore always holds a prefix of the run's
+episodes, which is what ``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from tqdm import tqdm
+
+from carsynth import storage
+from carsynth.collect.frames import EnvSettings, FrameSettings, process_frame
+from carsynth.collect.policies import make_policy, policy_params
+from carsynth.errors import UsageError
+
+# Settings that must match for --resume to continue a file (and for shards to merge).
+RESUME_KEYS = (
+    "env_id", "policy", "policy_params", "frame_size", "crop_hud", "skip_frames", "frame_skip",
+    "seed", "domain_randomize", "lap_complete_percent", "max_steps", "holdout_fraction", "shard",
+)  # fmt: skip
+
+
+@dataclass
+class CollectConfig:
+    """Every setting of ``carsynth collect`` (the CLI flags map one to one onto these fields)."""
+
+    out: str
+    episodes: int = 64  # episodes in the whole run (all shards together)
+    workers: int = 0  # worker processes; 0 means one per CPU core
+    policy: str = "pilot"  # random, brownian, pilot, or module:callable
+    policy_args: dict[str, str] = field(default_factory=dict)
+    seed: int = 0  # episode k uses env seed `seed + k`
+    size: int = 64  # stored frames are size x size
+    crop_hud: bool = False  # drop the 12 dashboard rows before resizing
+    skip_frames: int = 50  # env steps not recorded at the start (the zoom-in)
+    frame_skip: int = 1  # each action is repeated this many steps; one frame per action
+    env_id: str = "CarRacing-v3"
+    domain_randomize: bool = False
+    lap_complete_percent: float = 0.95
+    max_steps: int = 1000  # env steps per episode before truncation
+    renderer: str = "stock"  # "fast" (carsynth.envs) or "stock" gymnasium rendering
+    holdout: float = 0.1  # share of episodes marked holdout (decided by each episode's seed)
+    shard: tuple[int, int] = (0, 1)  # (I, N): collect the I-th of N disjoint seed blocks
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def env_settings(self) -> EnvSettings:
+        return EnvSettings(
+            self.env_id, self.domain_randomize, self.lap_complete_percent, self.max_steps,
+            self.renderer,
+        )  # fmt: skip
+
+    @property
+    def frame_settings(self) -> FrameSettings:
+        return FrameSettings(self.size, self.crop_hud, self.skip_frames, self.frame_skip)
+
+    def episode_range(self) -> range:
+        """The episode numbers k this shard collects: the I-th of N contiguous blocks."""
+        index, count = self.shard
+        return range(index * self.episodes // count, (index + 1) * self.episodes // count)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` with 0 <= I < N, as used by ``--shard``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def check_config(config: CollectConfig) -> None:
+    """Reject bad settings before anything is written."""
+    checks = [
+        (config.episodes >= 1, "--episodes must be at least 1"),
+        (config.workers >= 0, "--workers must be 0 (all cores) or more"),
+        (8 <= config.size <= 512, "--size must be between 8 and 512"),
+        (config.skip_frames >= 0, "--skip-frames must be 0 or more"),
+        (config.frame_skip >= 1, "--frame-skip must be at least 1"),
+        (config.max_steps >= 1, "--max-steps must be at least 1"),
+        (0.0 <= config.holdout < 1.0, "--holdout must be in [0, 1)"),
+        (config.renderer in ("fast", "stock"), "--renderer must be fast or stock"),
+        (0 < config.lap_complete_percent <= 1, "--lap-complete-percent must be in (0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if config.resume and config.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; choose one")
+
+
+def file_attrs(config: CollectConfig, action_dim: int) -> dict[str, Any]:
+    """The settings recorded in the file (see README, "HDF5 schema")."""
+    policy = make_policy(config.policy, config.policy_args)
+    return {
+        "env_id": config.env_id,
+        "gymnasium_version": gym.__version__,
+        "renderer": config.renderer,
+        "policy": config.policy,
+        "policy_params": json.dumps(policy_params(policy) or config.policy_args, sort_keys=True),
+        "frame_size": [config.size, config.size],
+        "crop_hud": config.crop_hud,
+        "skip_frames": config.skip_frames,
+        "frame_skip": config.frame_skip,
+        "seed": config.seed,
+        "domain_randomize": config.domain_randomize,
+        "lap_complete_percent": config.lap_complete_percent,
+        "max_steps": config.max_steps,
+        "holdout_fraction": config.holdout,
+        "shard": f"{config.shard[0]}/{config.shard[1]}",
+        "episodes_requested": config.episodes,
+        "action_dim": action_dim,
+    }
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    """What a worker needs to run one episode (small and picklable)."""
+
+    seed: int
+    env: EnvSettings
+    frames: FrameSettings
+    policy: str
+    policy_args: tuple[tuple[str, str], ...]
+    holdout_fraction: float
+
+
+_worker_env: dict[EnvSettings, gym.Env] = {}
+
+
+def run_episode(job: EpisodeJob) -> storage.Episode:
+    """Run one episode and return its recorded frames, actions, rewards and flags.
+
+    The policy acts on every ``frame_skip``-th step and its action is repeated in between (the
+    usual Atari-style frame skip); frame i is the observation it acted on and reward i the sum of
+    rewards until the next recorded frame. The first ``skip_frames`` steps are driven but not
+    recorded. Each worker process keeps one env per setting and reuses it across episodes.
+    """
+    env = _worker_env.get(job.env)
+    if env is None:
+        env = _worker_env[job.env] = job.env.make()
+    policy = make_policy(job.policy, dict(job.policy_args))
+    observation, _ = env.reset(seed=job.seed)
+    policy.reset(env, np.random.default_rng([job.seed, 1]))
+    settings = job.frames
+    frames, actions, rewards, terminated, truncated = [], [], [], [], []
+    step, done = 0, False  # step: env steps taken before `observation`
+    while not done:
+        action = policy.act(env, observation)
+        reward, term, trunc, taken = 0.0, False, False, 0
+        while taken < settings.frame_skip and not (term or trunc):
+            next_observation, r, term, trunc, _ = env.step(action)
+            reward += float(r)
+            taken += 1
+        if step >= settings.skip_frames:
+            frames.append(process_frame(observation, settings.size, settings.crop_hud))
+            actions.append(np.asarray(action, dtype=np.float32).reshape(-1))
+            rewards.append(reward)
+            terminated.append(term)
+            truncated.append(trunc)
+        observation, step = next_observation, step + taken
+        done = term or trunc
+    action_dim = int(np.prod(env.action_space.shape)) or 1
+    return storage.Episode(
+        seed=job.seed,
+        frames=np.asarray(frames, dtype=np.uint8).reshape(-1, settings.size, settings.size, 3),
+        actions=np.asarray(actions, dtype=np.float32).reshape(-1, action_dim),
+        rewards=np.asarray(rewards, dtype=np.float32),
+        terminated=np.asarray(terminated, dtype=bool),
+        truncated=np.asarray(truncated, dtype=bool),
+        holdout=storage.is_holdout(job.seed, job.holdout_fraction),
+    )
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C goes to the main process, which stops the pool itself; workers must not print
+    # their own KeyboardInterrupt tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ordered(jobs: list[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
+    """Run jobs on ``workers`` processes; yield episodes in job order, a bounded window ahead."""
+    if workers == 1:
+        for job in jobs:
+            yield run_episode(job)
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    pending: deque[Future] = deque()
+    todo = iter(jobs)
+    try:
+        for job in todo:
+            pending.append(pool.submit(run_episode, job))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            episode = pending.popleft().result()
+            job = next(todo, None)
+            if job is not None:
+                pending.append(pool.submit(run_episode, job))
+            yield episode
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> int:
+    """Check that ``path`` can be continued with ``config``; return how many episodes it has."""
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} does not exist (drop --resume to start it)")
+    dropped = storage.repair(path)
+    with storage.open_frame_file(path) as frame_file:
+        if frame_file.kind != "real":
+            raise UsageError(f"--resume: {path} is a {frame_file.kind} file, not a collection")
+        stored = {k: frame_file.attrs.get(k) for k in RESUME_KEYS}
+        seeds = frame_file.episodes["seed"].tolist()
+    wanted = {k: attrs.get(k) for k in RESUME_KEYS}
+    different = [k for k in RESUME_KEYS if stored[k] != wanted[k]]
+    if different:
+        name = different[0]
+        raise UsageError(
+            f"--resume: {path} was collected with {name}={stored[name]!r}, "
+            f"this run has {name}={wanted[name]!r}"
+        )
+    expected = [config.seed + k for k in config.episode_range()][: len(seeds)]
+    if seeds != expected:
+        raise UsageError(f"--resume: the episodes in {path} are not this run's first episodes")
+    if dropped:
+        print(f"resume: dropped {dropped} frames of an episode cut short by the last run")
+    return len(seeds)
+
+
+def collect(config: CollectConfig) -> Path:
+    """Collect ``config.episodes`` episodes (this shard's part of them) into ``config.out``.
+
+    Returns the output path. Raises :class:`UsageError` for bad settings before writing anything.
+    """
+    check_config(config)
+    make_policy(config.policy, config.policy_args)  # fail early on a bad policy
+    path = Path(config.out)
+    try:
+        probe = config.env_settings.make()
+    except ValueError as error:
+        raise UsageError(f"--env {config.env_id}: {error}") from None
+    action_dim = int(np.prod(probe.action_space.shape)) or 1
+    obs_shape = probe.observation_space.shape
+    probe.close()
+    if obs_shape is None or len(obs_shape) != 3 or obs_shape[2] != 3:
+        raise UsageError(f"--env {config.env_id}: observations are {obs_shape}, need (H, W, 3) RGB")
+    attrs = file_attrs(config, action_dim)
+    if config.resume:
+        done = _resume_state(config, path, attrs)
+    else:
+        storage.create_frame_file(
+            path, kind="real", frame_size=(config.size, config.size), action_dim=action_dim,
+            attrs=attrs, overwrite=config.overwrite,
+        )  # fmt: skip
+        done = 0
+    episode_numbers = list(config.episode_range())[done:]
+    jobs = [
+        EpisodeJob(
+            config.seed + k,
+            config.env_settings,
+            config.frame_settings,
+            config.policy,
+            tuple(sorted(config.policy_args.items())),
+            config.holdout,
+        )  # fmt: skip
+        for k in episode_numbers
+    ]
+    workers = config.workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(jobs)))
+    bar = tqdm(
+        total=len(config.episode_range()), initial=done, unit="ep", desc="collect",
+        disable=not config.progress, dynamic_ncols=True,
+    )  # fmt: skip
+    frames, start = 0, time.perf_counter()
+    with bar:
+        for episode in _ordered(jobs, workers):
+            storage.append_episodes(path, [episode])
+            frames += len(episode)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(frames=frames, fps=f"{frames / elapsed:.0f}")
+            bar.update(1)
+    return path
