@@ -2,7 +2,7 @@
 
 Every file carsynth writes or reads goes through this module. The layout (documented in README.md):
 
-``frames``       uint8   (N, H, W, 3)  chunked along N, compressed (see ``FRAME_CHUNK``/``COMPRESSION``)
+``frames``       uint8   (N, H, W, 3)  chunked along N and compressed (``FRAME_CHUNK``)
 ``actions``      float32 (N, A)        real files: action i was taken on frame i
 ``rewards``      float32 (N,)          real files: reward i followed action i
 ``terminated``   bool    (N,)          real files: the env's ``terminated`` after action i
@@ -122,7 +122,7 @@ def read_attrs(h5: h5py.File) -> dict[str, Any]:
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output path that exists (unless ``overwrite``) or whose folder cannot be written."""
+    """Refuse an output that exists (unless ``overwrite``) or whose folder is not writable."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists; pass --overwrite to replace it")
@@ -391,7 +391,11 @@ class FrameFile:
             self.episode_mask(split)
             return [(0, self.num_frames)] if self.num_frames else []
         chosen = self.episodes[self.episode_mask(split)]
-        return [(int(s), int(s + n)) for s, n in zip(chosen["start"], chosen["length"]) if n]
+        return [
+            (int(s), int(s + n))
+            for s, n in zip(chosen["start"], chosen["length"], strict=True)
+            if n
+        ]
 
     def count(self, split: Split = "all") -> int:
         return sum(b - a for a, b in self.frame_ranges(split))
