@@ -17,15 +17,13 @@ again, with HDF5's single-writer/multiple-reader (SWMR) mode on while the file i
 HDF5's writes so that the file on disk is consistent at every instant, so a SIGKILL at any moment
 leaves a readable file. The episode table is extended last: frames written by an episode whose row
 never landed are ignored by every reader here and cut away by :func:`repair`. A kill inside the
-few milliseconds of an append also leaves HDF5's "open for writing" flag set; :func:`repair`
-clears it the way ``h5clear -s`` does, and readers here open such a file in SWMR read mode.
+few milliseconds of an append also leaves HDF5's "open for writing" flag set: readers here then
+open the file in SWMR read mode, and :func:`repair` (run by ``--resume``) rewrites it clean.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime
-import glob
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,13 +40,13 @@ from carsynth.errors import UsageError
 SCHEMA_VERSION = 1
 KINDS = ("real", "synthetic")
 
-# Chosen with scripts/bench_storage.py (numbers in README.md, "HDF5 schema"): 32 frames of 64x64x3
-# are 384 KiB per chunk, large enough for gzip to find the repeated road and grass, small enough
-# that a random single-frame read decompresses little; gzip level 1 is most of gzip's size win
-# at a fraction of the cost of level 4+.
-FRAME_CHUNK = 32
+# Chosen with scripts/bench_storage.py (numbers in README.md, "HDF5 schema"): training reads
+# frames in random order, so a chunk should hold few frames (8 frames of 64x64x3 = 96 KiB: a
+# random read decompresses 8 frames, not 32) and gzip level 4 wins back the size that small
+# chunks lose (measured: 8 / gzip 4 gave a smaller file and 5x the random reads/s of 32 / gzip 1).
+FRAME_CHUNK = 8
 COMPRESSION = "gzip"
-COMPRESSION_OPTS = 1
+COMPRESSION_OPTS = 4
 
 EPISODE_DTYPE = np.dtype(
     [
@@ -249,45 +247,24 @@ def append_frames(path: str | os.PathLike, frames: np.ndarray) -> int:
         return end + len(frames)
 
 
-def _hdf5_library() -> ctypes.CDLL | None:
-    """The HDF5 shared library that h5py is linked against, for the one call h5py does not wrap."""
-    candidates: list[str] = []
-    try:
-        with open("/proc/self/maps") as maps:
-            candidates += [line.split()[-1] for line in maps if "libhdf5" in line]
-    except OSError:
-        pass
-    libs = Path(h5py.__file__).parent.parent / "h5py.libs"
-    candidates += glob.glob(str(libs / "libhdf5-*.so*")) + glob.glob(str(libs / "libhdf5*.dylib"))
-    for name in candidates:
-        if "_hl" in Path(name).name:
-            continue
-        try:
-            lib = ctypes.CDLL(name)
-            lib.H5Pset  # noqa: B018 - the symbol must exist
-            return lib
-        except (OSError, AttributeError):
-            continue
-    return None
+def _rewrite_interrupted(path: Path) -> None:
+    """Copy a file whose writer was killed mid-append into a fresh file, renamed into place.
 
-
-def clear_write_flag(path: str | os.PathLike) -> None:
-    """Clear HDF5's "file is open for writing" flag left by a killed writer (``h5clear -s``).
-
-    HDF5 refuses a plain open of such a file although its contents are consistent (SWMR). The
-    flag is cleared through the file-access property ``clear_status_flags`` that the ``h5clear``
-    tool sets; h5py does not expose it, so it is set through the HDF5 C library h5py loaded.
+    HDF5 refuses to open such a file for writing (its "open for writing" flag is set and its
+    end-of-allocation mark is stale), but SWMR read mode sees consistent contents. ``h5py``'s
+    ``copy`` (HDF5's H5Ocopy) moves the compressed chunks as they are, so this is a fast copy.
     """
-    lib = _hdf5_library()
-    if lib is None:
-        raise UsageError(f"{path}: was interrupted during a write; run `h5clear -s {path}`")
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
-    flag = ctypes.c_bool(True)
-    lib.H5Pset.argtypes = [ctypes.c_int64, ctypes.c_char_p, ctypes.c_void_p]
-    if lib.H5Pset(fapl.id, b"clear_status_flags", ctypes.byref(flag)) < 0:
-        raise UsageError(f"{path}: could not clear HDF5's write flag; run `h5clear -s {path}`")
-    h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl=fapl).close()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.repair.tmp")
+    try:
+        with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in src:
+                src.copy(src[name], dst, name=name)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -432,8 +409,9 @@ def open_frame_file(path: str | os.PathLike) -> FrameFile:
 def repair(path: str | os.PathLike) -> int:
     """Make a file left by a killed writer whole again; returns the number of frames dropped.
 
-    Clears HDF5's write flag if it is set, then cuts the step datasets back to the end of the last
-    complete episode. A file that needs neither is left untouched.
+    A file killed inside an append is first rewritten (see :func:`_rewrite_interrupted`); then the
+    step datasets are cut back to the end of the last complete episode. A file that needs neither
+    is left untouched.
     """
     path = Path(path)
     try:
@@ -441,7 +419,7 @@ def repair(path: str | os.PathLike) -> int:
     except OSError as error:
         if "already open for write" not in str(error):
             raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
-        clear_write_flag(path)
+        _rewrite_interrupted(path)
     with FrameFile(path) as frame_file:
         end, trailing = frame_file.num_frames, frame_file.trailing_frames
         names = ("frames", *STEP_DATASETS) if frame_file.kind == "real" else ()

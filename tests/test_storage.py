@@ -1,0 +1,190 @@
+"""The HDF5 schema v1: layout, attributes, crash safety, splits, merge and bad files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from carsynth import storage
+from carsynth.errors import UsageError
+
+
+def make_episode(seed: int, length: int, size: int = 8, holdout: bool = False) -> storage.Episode:
+    rng = np.random.default_rng(seed)
+    return storage.Episode(
+        seed=seed,
+        frames=rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
+        actions=rng.normal(size=(length, 3)).astype(np.float32),
+        rewards=rng.normal(size=length).astype(np.float32),
+        terminated=np.arange(length) == length - 1,
+        truncated=np.zeros(length, dtype=bool),
+        holdout=holdout,
+    )
+
+
+def new_file(path, size: int = 8, **attrs) -> None:
+    storage.create_frame_file(path, kind="real", frame_size=(size, size), action_dim=3, attrs=attrs)
+
+
+def test_fixture_follows_schema(fixture_file):
+    with h5py.File(fixture_file, "r") as h5:
+        assert h5.attrs["schema_version"] == 1
+        assert h5.attrs["kind"] == "real"
+        assert h5.attrs["env_id"] == "CarRacing-v3"
+        for key in ("gymnasium_version", "policy", "policy_params", "frame_size", "crop_hud",
+                    "skip_frames", "seed", "carsynth_version", "created"):  # fmt: skip
+            assert key in h5.attrs
+        n = h5["frames"].shape[0]
+        assert h5["frames"].dtype == np.uint8 and h5["frames"].shape[1:] == (64, 64, 3)
+        assert h5["frames"].chunks[0] == storage.FRAME_CHUNK and h5["frames"].compression
+        assert h5["actions"].shape == (n, 3) and h5["actions"].dtype == np.float32
+        assert h5["rewards"].shape == (n,) and h5["terminated"].dtype == bool
+        table = h5["episodes"][:]
+        assert table["length"].sum() == n
+        assert list(table["seed"]) == list(range(8))
+        np.testing.assert_allclose(
+            table["return"], [h5["rewards"][s : s + n].sum() for s, n in zip(table["start"],
+            table["length"], strict=True)], rtol=1e-5,
+        )  # fmt: skip
+
+
+def test_roundtrip_and_splits(tmp_path):
+    path = tmp_path / "a.h5"
+    new_file(path, policy="test")
+    episodes = [make_episode(0, 5), make_episode(1, 7, holdout=True), make_episode(2, 0)]
+    assert storage.append_episodes(path, episodes[:2]) == 12
+    storage.append_episodes(path, episodes[2:])
+    with storage.open_frame_file(path) as f:
+        assert f.num_frames == 12 and f.num_episodes == 3
+        assert f.attrs["policy"] == "test"
+        np.testing.assert_array_equal(f.read("holdout"), episodes[1].frames)
+        np.testing.assert_array_equal(f.read("train"), episodes[0].frames)
+        np.testing.assert_array_equal(f.read("all", limit=6)[5], episodes[1].frames[0])
+        assert f.count("train") == 5 and f.frame_ranges("holdout") == [(5, 12)]
+        back = list(storage.iter_episodes(f))
+    np.testing.assert_array_equal(back[1].actions, episodes[1].actions)
+    np.testing.assert_array_equal(back[1].terminated, episodes[1].terminated)
+
+
+def test_create_never_overwrites(tmp_path):
+    path = tmp_path / "a.h5"
+    new_file(path)
+    storage.append_episodes(path, [make_episode(0, 3)])
+    with pytest.raises(UsageError, match="exists; pass --overwrite"):
+        new_file(path)
+    with storage.open_frame_file(path) as f:
+        assert f.num_frames == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["a.h5"]  # no temp file left behind
+
+
+def test_holdout_depends_on_seed_only():
+    chosen = [s for s in range(2000) if storage.is_holdout(s, 0.1)]
+    assert 150 < len(chosen) < 250  # binomial(2000, 0.1): mean 200, sd 13
+    assert chosen == [s for s in range(2000) if storage.is_holdout(s, 0.1)]
+    assert not any(storage.is_holdout(s, 0.0) for s in range(100))
+
+
+def test_trailing_frames_are_ignored_and_repaired(tmp_path):
+    path = tmp_path / "a.h5"
+    new_file(path)
+    storage.append_episodes(path, [make_episode(0, 4)])
+    with h5py.File(path, "a") as h5:  # an episode whose table row never landed
+        for name in ("frames", *storage.STEP_DATASETS):
+            h5[name].resize(9, axis=0)
+    with storage.open_frame_file(path) as f:
+        assert f.num_frames == 4 and f.trailing_frames == 5
+    assert storage.repair(path) == 5
+    with h5py.File(path, "r") as h5:
+        assert h5["frames"].shape[0] == 4 and h5["rewards"].shape[0] == 4
+
+
+KILL_MID_APPEND = """
+import os, signal, sys, h5py, numpy as np
+f = h5py.File(sys.argv[1], "a", libver="latest")
+f.swmr_mode = True
+f["frames"].resize(3, axis=0)
+f["frames"][:] = 7
+f["frames"].flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_inside_an_append_leaves_a_readable_file(tmp_path):
+    path = tmp_path / "a.h5"
+    new_file(path)
+    storage.append_episodes(path, [make_episode(0, 2)])
+    result = subprocess.run([sys.executable, "-c", KILL_MID_APPEND, str(path)])
+    assert result.returncode == -signal.SIGKILL
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(path, "r")
+    with storage.open_frame_file(path) as f:  # carsynth reads it (SWMR read mode)
+        assert f.num_frames == 2 and f.trailing_frames == 1
+    assert storage.repair(path) == 1
+    with h5py.File(path, "r") as h5:  # and afterwards plain h5py does too
+        assert h5["frames"].shape[0] == 2
+
+
+@pytest.mark.parametrize("virtual", [False, True])
+def test_merge_joins_shards_in_seed_order(tmp_path, virtual):
+    a, b, out = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "sub" / "m.h5"
+    out.parent.mkdir()
+    new_file(a, shard="0/2")
+    new_file(b, shard="1/2")
+    storage.append_episodes(a, [make_episode(0, 3), make_episode(1, 4)])
+    storage.append_episodes(b, [make_episode(2, 5, holdout=True)])
+    storage.merge([b, a], out, virtual=virtual)  # order of the inputs does not matter
+    with storage.open_frame_file(out) as f:
+        assert list(f.episodes["seed"]) == [0, 1, 2]
+        assert list(f.episodes["start"]) == [0, 3, 7]
+        np.testing.assert_array_equal(f.read("holdout"), make_episode(2, 5).frames)
+        np.testing.assert_array_equal(f.h5["actions"][3:7], make_episode(1, 4).actions)
+        assert f.attrs["merged_from"]
+        assert f.h5["frames"].is_virtual == virtual
+
+
+def test_merge_refuses_different_settings(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    new_file(a, skip_frames=50)
+    new_file(b, skip_frames=10)
+    storage.append_episodes(a, [make_episode(0, 3)])
+    storage.append_episodes(b, [make_episode(1, 3)])
+    with pytest.raises(UsageError, match="settings differ.*skip_frames"):
+        storage.merge([a, b], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_bad_files_name_the_file(tmp_path):
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    with pytest.raises(UsageError, match="notes.h5: not an HDF5 file"):
+        storage.open_frame_file(text)
+    with pytest.raises(UsageError, match="missing.h5: no such file"):
+        storage.open_frame_file(tmp_path / "missing.h5")
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as h5:
+        h5["frames"] = np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(UsageError, match="plain.h5: not a carsynth frame file"):
+        storage.open_frame_file(plain)
+    wrong = tmp_path / "wrong.h5"
+    new_file(wrong)
+    with h5py.File(wrong, "a") as h5:
+        del h5["frames"]
+        h5["frames"] = np.zeros((2, 8, 8, 3), np.float32)
+    with pytest.raises(UsageError, match=r"'frames' must be uint8 \(N, H, W, 3\)"):
+        storage.open_frame_file(wrong)
+
+
+def test_truncated_file_is_refused(tmp_path, fixture_file):
+    path = tmp_path / "cut.h5"
+    shutil.copy(fixture_file, path)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(UsageError, match="cut.h5"), storage.open_frame_file(path) as f:
+        f.read()
