@@ -43,7 +43,7 @@ KINDS = ("real", "synthetic")
 # Chosen with scripts/bench_storage.py (numbers in README.md, "HDF5 schema"): training reads
 # frames in random order, so a chunk should hold few frames (8 frames of 64x64x3 = 96 KiB: a
 # random read decompresses 8 frames, not 32) and gzip level 4 wins back the size that small
-# chunks lose (measured: 8 / gzip 4 gave a smaller file and 5x the random reads/s of 32 / gzip 1).
+# chunks lose (measured: 8 / gzip 4 gave a smaller file and 2.6x the random reads/s of 32 / gzip 1).
 FRAME_CHUNK = 8
 COMPRESSION = "gzip"
 COMPRESSION_OPTS = 4
