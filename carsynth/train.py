@@ -186,7 +186,11 @@ def epoch_order(n: int, epoch: int, seed: int, block: int | None) -> np.ndarray:
 
 
 class MemoryFrames:
-    """All training frames as one uint8 tensor, on the device when it fits there."""
+    """All training frames as one uint8 tensor, on the device when it fits there.
+
+    The epoch's order is copied to the frames' device once per epoch (``start_epoch``): a copy
+    from host memory every step would wait for the GPU each time.
+    """
 
     def __init__(self, frames: np.ndarray, device: torch.device) -> None:
         host = torch.from_numpy(frames)
@@ -195,9 +199,14 @@ class MemoryFrames:
         except torch.OutOfMemoryError:
             self.frames = host.pin_memory() if device.type == "cuda" else host
         self.device = device
+        self.order = torch.zeros(0, dtype=torch.long)
 
-    def batch(self, positions: np.ndarray) -> torch.Tensor:
-        index = torch.from_numpy(positions).to(self.frames.device)
+    def start_epoch(self, order: np.ndarray) -> None:
+        self.order = torch.from_numpy(order).to(self.frames.device)
+
+    def batch(self, at: int, size: int) -> torch.Tensor:
+        """Frames at positions ``order[at : at + size]``: uint8 (size, H, W, 3) on the device."""
+        index = self.order[at : at + size]
         return self.frames.index_select(0, index).to(self.device, non_blocking=True)
 
 
@@ -210,6 +219,10 @@ class StreamingFrames:
     def __init__(self, f: storage.FrameFile, rows: np.ndarray, block: int, device: torch.device):
         self.f, self.rows, self.block, self.device = f, rows, block, device
         self.cache: dict[int, torch.Tensor] = {}
+        self.order = np.zeros(0, dtype=np.int64)
+
+    def start_epoch(self, order: np.ndarray) -> None:
+        self.order = order
 
     def _load(self, b: int) -> torch.Tensor:
         if b not in self.cache:
@@ -221,7 +234,9 @@ class StreamingFrames:
             self.cache[b] = torch.from_numpy(span[rows - rows[0]]).to(self.device)
         return self.cache[b]
 
-    def batch(self, positions: np.ndarray) -> torch.Tensor:
+    def batch(self, at: int, size: int) -> torch.Tensor:
+        """Frames at positions ``order[at : at + size]``, grouped by block (order within kept)."""
+        positions = self.order[at : at + size]
         parts = []
         for b in np.unique(positions // self.block):
             chosen = positions[positions // self.block == b] - b * self.block
@@ -616,15 +631,16 @@ def _train(
     # Sums since the last log row, kept on the device: d_loss, g_loss, D(x), D(G(z)), fm distance.
     sums = torch.zeros(5, device=device)
     since, tick = 0, time.perf_counter()
-    order_epoch, order = -1, np.zeros(0, int)
+    order_epoch = -1
     bar = tqdm(total=total, initial=start, disable=not (c.progress and rank == 0), desc="train")
     try:
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
             if epoch != order_epoch:
-                order_epoch, order = epoch, epoch_order(n, epoch, c.seed, block)
+                order_epoch = epoch
+                source.start_epoch(epoch_order(n, epoch, c.seed, block))
             at = k * global_batch + rank * c.batch_size
-            x = to_input(source.batch(order[at : at + c.batch_size]))
+            x = to_input(source.batch(at, c.batch_size))
             noise.manual_seed(mix_seed(c.seed, step, rank, 0x2))
             z = torch.randn(c.batch_size, c.nz, 1, 1, device=device, generator=noise)
 
