@@ -317,8 +317,6 @@ def _prepare_out(c: TrainConfig) -> Path | None:
                 raise UsageError(f"{out} exists; pass --overwrite to replace it or --resume")
             if not (out / "config.json").is_file():
                 raise UsageError(f"{out}: not a carsynth run directory; refusing to replace it")
-    elif not out.parent.is_dir():
-        raise UsageError(f"{out}: folder {out.parent} does not exist")
     return None
 
 
