@@ -553,7 +553,7 @@ def _train(
 
     start = 0
     if resume_from is not None:
-        state = torch.load(resume_from, map_location=device, weights_only=True)
+        state = torch.load(resume_from, map_location="cpu", weights_only=True)
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
         ema.load_state_dict(state["ema"])
