@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -117,10 +118,81 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ train
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from carsynth.train import TrainConfig
+
+    d = TrainConfig(data="", out="")
+    p.add_argument("--data", required=True, help="carsynth frame file to train on")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--nz", type=int, default=d.nz, help="latent size")
+    p.add_argument("--ngf", type=int, default=d.ngf, help="generator width")
+    p.add_argument("--ndf", type=int, default=d.ndf, help="discriminator width")
+    p.add_argument("--fm", action="store_true", help="feature-matching generator loss")
+    p.add_argument("--fm-layer", type=int, default=d.fm_layer, help="discriminator block 1..4")
+    p.add_argument(
+        "--adv-weight", type=float, default=d.adv_weight, help="adversarial term with --fm"
+    )
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1")
+    p.add_argument("--beta2", type=float, default=d.beta2, help="Adam beta2")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="frames per step and process"
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="generator updates (default 5000)")
+    budget.add_argument("--epochs", type=float, help="passes over the training frames")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds weights, noise and data order")
+    p.add_argument("--holdout", type=float, help="recompute holdout episodes with this fraction")
+    p.add_argument(
+        "--max-memory-frames",
+        type=int,
+        default=d.max_memory_frames,
+        help="stream the file in chunks above this many training frames",
+    )
+    p.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
+    p.add_argument("--amp", default=d.amp, help="auto (bf16 on CUDA), bf16, fp16 or off")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA generator decay")
+    p.add_argument("--log-interval", type=int, default=d.log_interval, help="steps per metrics row")
+    p.add_argument("--sample-interval", type=int, default=d.sample_interval, help="steps per grid")
+    p.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from carsynth.train import TrainConfig, TrainingDiverged, train
+
+    config = TrainConfig(
+        data=args.data, out=args.out, nz=args.nz, ngf=args.ngf, ndf=args.ndf, fm=args.fm,
+        fm_layer=args.fm_layer, adv_weight=args.adv_weight, lr=args.lr, beta1=args.beta1,
+        beta2=args.beta2, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
+        seed=args.seed, holdout=args.holdout, max_memory_frames=args.max_memory_frames,
+        device=args.device, amp=args.amp, channels_last=not args.no_channels_last,
+        compile=args.compile, ema_decay=args.ema_decay, log_interval=args.log_interval,
+        sample_interval=args.sample_interval, checkpoint_interval=args.checkpoint_interval,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    try:
+        path = train(config)
+    except TrainingDiverged as error:
+        print(f"carsynth: error: {error}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {path}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "collect": ("record CarRacing rollouts to a frame file", _collect_arguments, _collect),
     "merge": ("join shard files into one", _merge_arguments, _merge),
     "info": ("check a frame file and print its contents", _info_arguments, _info),
+    "train": ("train the DCGAN-64 on a frame file", _train_arguments, _train),
 }
 
 

@@ -1,0 +1,98 @@
+"""The DCGAN-64 networks (Radford et al. 2015, "Unsupervised Representation Learning with Deep
+Convolutional Generative Adversarial Networks"), shaped like pytorch/examples ``dcgan/main.py``.
+
+The discriminator also returns an intermediate feature map, which the feature-matching generator
+loss compares between real and generated batches (Salimans et al. 2016).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IMAGE_SIZE = 64  # the only frame size these networks produce and accept
+FEATURE_LAYERS = (1, 2, 3, 4)  # discriminator blocks whose output ``fm_layer`` may name
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN initialisation: conv weights N(0, 0.02); batch-norm scales N(1, 0.02), shifts 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Generator(nn.Module):
+    """z (B, nz, 1, 1) -> image (B, 3, 64, 64) in [-1, 1].
+
+    Transposed convolutions double the size 4 -> 8 -> 16 -> 32 -> 64 while halving the width
+    ngf*8 -> ngf; batch norm and ReLU between them, tanh at the output (Radford et al. 2015).
+    """
+
+    def __init__(self, nz: int = 100, ngf: int = 64) -> None:
+        super().__init__()
+        self.nz, self.ngf = nz, ngf
+
+        def up(cin: int, cout: int) -> list[nn.Module]:
+            return [
+                nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(True),
+            ]
+
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False),  # 1x1 -> 4x4
+            nn.BatchNorm2d(ngf * 8),
+            nn.ReLU(True),
+            *up(ngf * 8, ngf * 4),  # 8x8
+            *up(ngf * 4, ngf * 2),  # 16x16
+            *up(ngf * 2, ngf),  # 32x32
+            nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False),  # 64x64
+            nn.Tanh(),
+        )
+        self.apply(init_weights)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class Discriminator(nn.Module):
+    """image (B, 3, 64, 64) -> (logits (B,), features of block ``fm_layer``).
+
+    Four strided-convolution blocks halve the size 64 -> 32 -> 16 -> 8 -> 4 with LeakyReLU(0.2),
+    batch norm on all but the first (Radford et al. 2015); a 4x4 convolution gives one logit. The
+    default feature layer is block 4, the last one before the classifier.
+    """
+
+    def __init__(self, ndf: int = 64, fm_layer: int = 4) -> None:
+        super().__init__()
+        if fm_layer not in FEATURE_LAYERS:
+            raise ValueError(f"fm_layer must be one of {FEATURE_LAYERS}, got {fm_layer}")
+        self.ndf, self.fm_layer = ndf, fm_layer
+
+        def down(cin: int, cout: int, norm: bool) -> nn.Sequential:
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 4, 2, 1, bias=False)]
+            if norm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            return nn.Sequential(*layers)
+
+        self.blocks = nn.ModuleList(
+            [
+                down(3, ndf, norm=False),  # 32x32
+                down(ndf, ndf * 2, norm=True),  # 16x16
+                down(ndf * 2, ndf * 4, norm=True),  # 8x8
+                down(ndf * 4, ndf * 8, norm=True),  # 4x4
+            ]
+        )
+        self.classifier = nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = x
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x)
+            if i == self.fm_layer:
+                features = x
+        return self.classifier(x).flatten(), features

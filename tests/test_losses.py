@@ -1,0 +1,50 @@
+"""The GAN losses against their formulas, computed by hand on fixed tensors."""
+
+import math
+
+import torch
+
+from carsynth import losses
+
+
+def test_feature_matching_is_squared_distance_of_batch_means() -> None:
+    real = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]], requires_grad=True)
+    fake = torch.tensor([[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]], requires_grad=True)
+    # means: real (2, 3, 4), fake (1, 1, 1); difference (1, 2, 3); squared norm 1 + 4 + 9.
+    loss = losses.feature_matching_loss(real, fake)
+    assert loss.item() == 14.0
+    loss.backward()
+    # d/d fake_b = -2 (mean_real - mean_fake) / B for every sample b of the batch of 2.
+    assert torch.equal(fake.grad, -torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
+    assert real.grad is None  # real features are detached
+
+
+def test_feature_matching_compares_statistics_not_samples() -> None:
+    # Same batch means, different samples: the paper's objective is zero, per-sample MSE is not.
+    real = torch.tensor([[0.0, 4.0], [2.0, 0.0]])
+    fake = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    assert losses.feature_matching_loss(real, fake).item() == 0.0
+
+
+def test_feature_matching_flattens_feature_maps() -> None:
+    real = torch.arange(16.0).view(2, 2, 2, 2)  # sample 0: 0..7, sample 1: 8..15; means 4..11
+    fake = torch.zeros(2, 2, 2, 2)
+    expected = sum((4.0 + i) ** 2 for i in range(8))
+    assert losses.feature_matching_loss(real, fake).item() == expected
+
+
+def _softplus(v: float) -> float:
+    return math.log1p(math.exp(v))
+
+
+def test_discriminator_bce() -> None:
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 3.0])
+    # -log sigmoid(r) = softplus(-r); -log(1 - sigmoid(f)) = softplus(f); batch means.
+    expected = (_softplus(-2.0) + _softplus(0.0)) / 2 + (_softplus(-1.0) + _softplus(3.0)) / 2
+    assert math.isclose(losses.d_bce_loss(real, fake).item(), expected, rel_tol=1e-6)
+
+
+def test_generator_non_saturating() -> None:
+    fake = torch.tensor([0.0, -2.0, 1.0])
+    expected = (math.log(2.0) + _softplus(2.0) + _softplus(-1.0)) / 3
+    assert math.isclose(losses.g_nonsaturating_loss(fake).item(), expected, rel_tol=1e-6)

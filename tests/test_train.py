@@ -1,0 +1,332 @@
+"""The training loop: steps, data, run directory, resume, divergence, bad inputs, DDP and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from carsynth import losses, storage
+from carsynth.errors import UsageError
+from carsynth.models import Discriminator, Generator
+from carsynth.sampling import generate_frames
+from carsynth.train import (
+    StreamingFrames,
+    TrainConfig,
+    TrainingDiverged,
+    discriminator_step,
+    epoch_order,
+    generator_step,
+    latest_checkpoint,
+    load_generator,
+    read_run_config,
+    run_frames,
+    train,
+)
+
+torch.set_num_threads(1)  # tiny networks: threads only fight over the two shared cores
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def tiny(data: Path, out: Path, **changes) -> TrainConfig:
+    """A config small enough for a test: 8-channel networks, batch 16, a few steps."""
+    base = TrainConfig(
+        data=str(data), out=str(out), nz=8, ngf=8, ndf=8, batch_size=16, steps=6,
+        log_interval=2, sample_interval=3, checkpoint_interval=3, progress=False, device="cpu",
+    )  # fmt: skip
+    return replace(base, **changes)
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "carsynth", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV,
+    )  # fmt: skip
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(a, b) -> None:
+    """Nested state dicts are exactly equal (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_state(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+# ------------------------------------------------------------------------------------ steps
+@pytest.mark.parametrize("fm", [False, True])
+def test_each_step_updates_only_its_network(fm: bool) -> None:
+    torch.manual_seed(0)
+    g, d = Generator(8, 8), Discriminator(8)
+    opt_g = torch.optim.Adam(g.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(d.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x, z = torch.rand(4, 3, 64, 64) * 2 - 1, torch.randn(4, 8, 1, 1)
+
+    def snapshot(m):
+        return [p.detach().clone() for p in m.parameters()]
+
+    g0, d0 = snapshot(g), snapshot(d)
+    fake, stats = discriminator_step(g, d, opt_d, scaler, x, z)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(d0, d.parameters(), strict=True))
+    assert stats.shape == (4,) and 0 < stats[1] < 1 and 0 < stats[2] < 1
+
+    d1 = snapshot(d)
+    g_loss = generator_step(d, opt_g, scaler, x, fake, fm=fm)
+    assert all(torch.equal(a, b) for a, b in zip(d1, d.parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
+    assert all(p.requires_grad for p in d.parameters())  # unfrozen again
+    with torch.no_grad():
+        gen_logits, gen_features = d(fake)
+        _, real_features = d(x)
+    # The loss is computed before the generator's update, against the updated discriminator.
+    if fm:
+        expected = losses.feature_matching_loss(real_features, gen_features)
+    else:
+        expected = losses.g_nonsaturating_loss(gen_logits)
+    assert torch.allclose(g_loss, expected, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- data
+def test_epoch_order_is_a_seeded_permutation_in_blocks() -> None:
+    plain = epoch_order(10, epoch=0, seed=1, block=None)
+    assert sorted(plain) == list(range(10))
+    assert np.array_equal(plain, epoch_order(10, 0, 1, None))
+    assert not np.array_equal(plain, epoch_order(10, 1, 1, None))
+    blocked = epoch_order(10, 0, 1, block=4)
+    assert sorted(blocked) == list(range(10))
+    # Visited block by block: positions of one block are consecutive in the order.
+    runs = [b for i, b in enumerate(blocked // 4) if i == 0 or b != blocked[i - 1] // 4]
+    assert sorted(runs) == [0, 1, 2]
+
+
+def test_streaming_reader_returns_the_right_frames(fixture_file: Path) -> None:
+    with storage.open_frame_file(fixture_file) as f:
+        rows = np.concatenate([np.arange(a, b) for a, b in f.frame_ranges("train")])
+        source = StreamingFrames(f, rows, block=100, device=torch.device("cpu"))
+        order = epoch_order(len(rows), 0, 0, block=100)
+        source.start_epoch(order)
+        positions = order[90:130]  # crosses from one block into the next
+        assert len(np.unique(positions // 100)) == 2
+        expected = f.frames[:][rows[positions]]
+        grouped = np.argsort(positions // 100, kind="stable")  # the reader groups by block
+        assert np.array_equal(source.batch(90, 40).numpy(), expected[grouped])
+        assert len(source.cache) <= 2
+
+
+def test_streaming_run_trains(fixture_file: Path, tmp_path: Path) -> None:
+    run = train(tiny(fixture_file, tmp_path / "run", max_memory_frames=64, steps=4))
+    assert latest_checkpoint(run).name == "ckpt_0000004.pt"
+
+
+# -------------------------------------------------------------------------------- run files
+def test_run_directory_contents(fixture_file: Path, tmp_path: Path) -> None:
+    run = train(tiny(fixture_file, tmp_path / "run", fm=True, keep_checkpoints=1))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt_0000006.pt"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step_0000003.png",
+        "step_0000006.png",
+    ]
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["sample_diversity"] > 0
+        assert 0 < row["d_real"] < 1 and 0 < row["d_fake"] < 1
+        assert row["g_loss"] > 0 and row["fm_distance"] > 0
+    record = read_run_config(run)
+    assert record["config"]["fm"] is True and record["config"]["lr"] == 2e-4
+    assert record["data"]["holdout_seeds"] == [3]
+    assert record["data"]["train_frames"] == 1400 and record["data"]["holdout_frames"] == 200
+    assert record["data"]["fingerprint"]["size"] == fixture_file.stat().st_size
+    assert record["versions"]["torch"] == torch.__version__
+    state = load(latest_checkpoint(run))
+    assert state["step"] == 6
+    assert {"generator", "discriminator", "ema", "opt_g", "opt_d", "scaler", "rng_cpu"} <= set(
+        state
+    )
+    g = load_generator(run)
+    assert not g.training
+    assert generate_frames(g, 0, 0, 2).shape == (2, 64, 64, 3)
+
+
+def test_run_frames_are_the_split(fixture_file: Path, tmp_path: Path) -> None:
+    run = train(tiny(fixture_file, tmp_path / "run", steps=1))
+    with storage.open_frame_file(fixture_file) as f:
+        assert np.array_equal(run_frames(run, "train"), f.read("train"))
+        assert np.array_equal(run_frames(run, "holdout"), f.read("holdout"))
+    run = train(tiny(fixture_file, tmp_path / "frac", steps=1, holdout=0.5))
+    seeds = [s for s in range(8) if storage.is_holdout(s, 0.5)]
+    assert read_run_config(run)["data"]["holdout_seeds"] == seeds
+    assert len(run_frames(run, "holdout")) == 200 * len(seeds)
+
+
+def test_epochs_budget(fixture_file: Path, tmp_path: Path) -> None:
+    # 1400 training frames / batch 700 = 2 steps an epoch; 1.5 epochs -> 3 steps.
+    run = train(tiny(fixture_file, tmp_path / "run", steps=None, epochs=1.5, batch_size=700))
+    assert read_run_config(run)["steps"] == 3
+    assert load(latest_checkpoint(run))["step"] == 3
+
+
+def test_short_run_moves_sample_colour_towards_real(fixture_file: Path, tmp_path: Path) -> None:
+    config = tiny(fixture_file, tmp_path / "run", nz=16, ngf=16, ndf=16, batch_size=32, fm=True)
+    run = train(replace(config, steps=100, lr=1e-3, ema_decay=0.9, log_interval=50))
+    real = run_frames(run, "train").reshape(-1, 3).mean(0)  # about (89, 160, 89): grass green
+    torch.manual_seed(1)
+    before = generate_frames(Generator(16, 16).eval(), 0, 0, 256).reshape(-1, 3).mean(0)
+    after = generate_frames(load_generator(run), 0, 0, 256).reshape(-1, 3).mean(0)
+    assert np.abs(before - 127.5).max() < 3  # an untrained generator is mid-grey
+    # Measured: distance 64 -> 34, green - red 0 -> 33.
+    assert np.linalg.norm(after - real) < 0.7 * np.linalg.norm(before - real)
+    assert after[1] - after[0] > 15
+
+
+# ----------------------------------------------------------------------------------- resume
+def test_resume_is_bit_identical(fixture_file: Path, tmp_path: Path) -> None:
+    whole = train(tiny(fixture_file, tmp_path / "whole", steps=8, checkpoint_interval=4))
+    part = train(tiny(fixture_file, tmp_path / "part", steps=4, checkpoint_interval=4))
+    train(tiny(fixture_file, part, steps=8, checkpoint_interval=4, resume=True))
+    assert_same_state(load(latest_checkpoint(whole)), load(latest_checkpoint(part)))
+    rows = [
+        [json.loads(line)["d_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (whole, part)
+    ]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+
+
+def test_resume_after_sigkill(fixture_file: Path, tmp_path: Path) -> None:
+    config = tiny(fixture_file, tmp_path / "killed", steps=16, checkpoint_interval=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "carsynth", "train", "--data", str(fixture_file),
+         "--out", config.out, "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch-size", "16",
+         "--steps", "1000", "--log-interval", "2", "--sample-interval", "3",
+         "--checkpoint-interval", "2", "--device", "cpu", "--no-progress"],
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(Path(config.out).glob("checkpoints/ckpt_*.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert load(latest_checkpoint(config.out))["step"] < 16
+    resumed = train(replace(config, resume=True))
+    whole = train(replace(config, out=str(tmp_path / "whole")))
+    assert_same_state(load(latest_checkpoint(whole)), load(latest_checkpoint(resumed)))
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(
+    fixture_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_loss = losses.d_bce_loss
+
+    def poisoned(real_logits, fake_logits):
+        calls.append(1)
+        loss = real_loss(real_logits, fake_logits)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(losses, "d_bce_loss", poisoned)
+    config = tiny(fixture_file, tmp_path / "run", steps=10, log_interval=2, checkpoint_interval=2)
+    with pytest.raises(TrainingDiverged, match="NaN/Inf by step 6"):
+        train(config)
+    state = load(latest_checkpoint(config.out))
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["generator"].values())
+
+
+# ------------------------------------------------------------------------------- bad inputs
+def _synthetic(path: Path, size: int, count: int) -> Path:
+    storage.create_frame_file(path, kind="synthetic", frame_size=(size, size), action_dim=None,
+                              attrs={})  # fmt: skip
+    if count:
+        storage.append_frames(path, np.zeros((count, size, size, 3), np.uint8))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, changes, message",
+    [
+        (lambda d: d / "missing.h5", {}, "no such file"),
+        (lambda d: h5py.File(d / "plain.h5", "w").close() or d / "plain.h5", {},
+         "not a carsynth frame file"),
+        (lambda d: _synthetic(d / "small.h5", 32, 20), {}, "frames are 32x32"),
+        (lambda d: _synthetic(d / "empty.h5", 64, 0), {}, "no training frames"),
+        (lambda d: _synthetic(d / "few.h5", 64, 20), {"batch_size": 32}, "larger than the 20"),
+        (lambda d: _synthetic(d / "ok.h5", 64, 20), {"fm_layer": 7}, "--fm-layer"),
+        (lambda d: _synthetic(d / "ok.h5", 64, 20), {"holdout": 0.5}, "--holdout needs"),
+    ],
+)  # fmt: skip
+def test_bad_input_writes_nothing(tmp_path: Path, make, changes: dict, message: str) -> None:
+    data = make(tmp_path)
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=message):
+        train(tiny(data, out, **changes))
+    assert not out.exists()
+
+
+def test_existing_run_is_not_replaced(fixture_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="--overwrite"):
+        train(tiny(fixture_file, out))
+    with pytest.raises(UsageError, match="not a carsynth run directory"):
+        train(tiny(fixture_file, out, overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# -------------------------------------------------------------------------------- CLI, DDP
+def test_cli_bad_input_exit_2(fixture_file: Path, tmp_path: Path) -> None:
+    result = cli("train", "--data", str(fixture_file), "--out", str(tmp_path / "run"),
+                 "--batch-size", "5000")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"carsynth: error: --batch-size 5000 x 1 processes is larger than the 1400 training "
+        f"frames of {fixture_file}"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_ddp_two_cpu_processes(fixture_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "29517", "-m", "carsynth", "train", "--data", str(fixture_file),
+         "--out", str(out), "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch-size", "8",
+         "--steps", "3", "--log-interval", "1", "--device", "cpu", "--no-progress", "--fm"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env=ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = read_run_config(out)
+    assert record["world_size"] == 2
+    # Each step consumes 2 processes x 8 frames: 1400 // 16 = 87 steps an epoch.
+    assert record["steps_per_epoch"] == 87
+    assert load(latest_checkpoint(out))["step"] == 3
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
