@@ -19,23 +19,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from carsynth import storage
 from carsynth.errors import UsageError
-from carsynth.metrics import report
-from carsynth.metrics.ndb import NDBBins, NDBResult
-from carsynth.metrics.neighbours import (
-    SPACES,
-    CollapseResult,
-    CopyResult,
-    collapse_check,
-    copy_check,
-    neighbour_space,
-)
+
+# The metrics (and torch) are imported where they are used: building the CLI parser reads
+# ValidationConfig, and `carsynth info` should not pay for importing torch.
+if TYPE_CHECKING:
+    from carsynth.metrics.ndb import NDBResult
+    from carsynth.metrics.neighbours import CollapseResult, CopyResult
+
+SPACES = ("pixels", "pca")  # carsynth.metrics.neighbours.SPACES, checked equal in the tests
 
 
 def _option(default: Any, help: str) -> Any:
@@ -145,7 +143,9 @@ class ValidationResult:
 
     def summary(self) -> str:
         """The table ``carsynth validate`` prints."""
-        return report.summary_table(self)
+        from carsynth.metrics.report import summary_table
+
+        return summary_table(self)
 
 
 def _check_inputs(arrays: dict[str, np.ndarray], k: int) -> None:
@@ -178,6 +178,9 @@ def validate_frames(
     ``train``/``holdout`` are real frames (training split and held-out split), ``fake`` generated
     frames, all uint8 (N, H, W, 3) of one size. Bad input raises :class:`UsageError`.
     """
+    from carsynth.metrics.ndb import NDBBins
+    from carsynth.metrics.neighbours import collapse_check, copy_check, neighbour_space
+
     config = config or ValidationConfig()
     _check_inputs({"train": train, "holdout": holdout, "fake": fake}, config.k)
     seconds: dict[str, float] = {}
@@ -255,6 +258,8 @@ def write_report(
     (nearest-neighbour distance histograms with the thresholds) and ``closest_pairs.png`` (the
     generated frames nearest to a training frame, each beside that training frame).
     """
+    from carsynth.metrics import report
+
     report_dir = check_report_dir(report_dir, overwrite)
     report_dir.mkdir(exist_ok=True)
     report.write_json(result.to_dict(), report_dir / "report.json")
