@@ -188,11 +188,54 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- validate
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from carsynth.validate import ValidationConfig
+
+    p.add_argument("--real", required=True, help="real frame file (its holdout split is used)")
+    p.add_argument("--fake", required=True, help="frame file of generated frames")
+    p.add_argument("--report", metavar="DIR", help="write report.json and figures to DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(ValidationConfig):
+        kind = type(f.default) if f.default is not None else str
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+            help=f"{f.metadata['help']} (default {f.default})",
+        )  # fmt: skip
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from carsynth.validate import ValidationConfig, validate_files
+
+    config = ValidationConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ValidationConfig)}
+    )
+    result = validate_files(
+        args.real, args.fake, report_dir=args.report, config=config, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    if args.report:
+        print(f"wrote {args.report}")
+    return 0 if result.passed else 1
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "collect": ("record CarRacing rollouts to a frame file", _collect_arguments, _collect),
     "merge": ("join shard files into one", _merge_arguments, _merge),
     "info": ("check a frame file and print its contents", _info_arguments, _info),
     "train": ("train the DCGAN-64 on a frame file", _train_arguments, _train),
+    "validate": (
+        "check generated frames for coverage, collapse and copying",
+        _validate_arguments,
+        _validate,
+    ),
 }
 
 
