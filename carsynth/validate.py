@@ -87,6 +87,15 @@ class ValidationConfig:
         for name in ("alpha", "duplicate_quantile", "copy_quantile", "holdout_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1)")
+        if self.device is not None:
+            import torch
+
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                raise UsageError(f"--device: {self.device!r} is not a torch device") from None
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise UsageError(f"--device {self.device}: no CUDA device here")
 
 
 @dataclass

@@ -66,6 +66,8 @@ def test_bad_arrays_are_usage_errors(fixture_frames) -> None:
         validate_frames(train, holdout, train[:0], ValidationConfig(**FAST))
     with pytest.raises(UsageError, match="--space must be one of pixels, pca"):
         ValidationConfig(space="faiss")
+    with pytest.raises(UsageError, match="--device: 'gpu0' is not a torch device"):
+        ValidationConfig(device="gpu0")
 
 
 def test_real_file_without_holdout_gets_a_seeded_episode_split(tmp_path, fixture_file) -> None:
