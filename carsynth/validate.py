@@ -54,7 +54,7 @@ class ValidationConfig:
     ndb_resolution: int = _option(32, "NDB: frames are area-averaged to this size for K-means")
     ndb_fit_samples: int = _option(10_000, "NDB: at most this many training frames fit K-means")
     kmeans_iters: int = _option(30, "NDB: at most this many Lloyd iterations")
-    space: str = _option("pca", f"neighbour space, one of {SPACES}")
+    space: str = _option("pca", "neighbour space: pca (default) or pixels (exact, slow)")
     nn_resolution: int = _option(32, "pca space: frames are area-averaged to this size first")
     pca_dims: int = _option(64, "pca space: principal components kept")
     pca_fit_samples: int = _option(5000, "neighbour space: training frames it is fitted on")
@@ -87,6 +87,15 @@ class ValidationConfig:
         for name in ("alpha", "duplicate_quantile", "copy_quantile", "holdout_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1)")
+        if self.device is not None:
+            import torch
+
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                raise UsageError(f"--device: {self.device!r} is not a torch device") from None
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise UsageError(f"--device {self.device}: no CUDA device here")
 
 
 @dataclass

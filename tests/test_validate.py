@@ -10,10 +10,11 @@ import pytest
 from conftest import run_cli
 
 from carsynth import storage
+from carsynth.cli import main
 from carsynth.errors import UsageError
 from carsynth.validate import ValidationConfig, real_splits, validate_files, validate_frames
 
-FAST = {"k": 10, "kmeans_iters": 10, "pairs": 4}
+FAST = {"k": 10, "kmeans_iters": 10, "pairs": 4, "ndb_fit_samples": 400, "pca_fit_samples": 400}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,8 @@ def test_bad_arrays_are_usage_errors(fixture_frames) -> None:
         validate_frames(train, holdout, train[:0], ValidationConfig(**FAST))
     with pytest.raises(UsageError, match="--space must be one of pixels, pca"):
         ValidationConfig(space="faiss")
+    with pytest.raises(UsageError, match="--device: 'gpu0' is not a torch device"):
+        ValidationConfig(device="gpu0")
 
 
 def test_real_file_without_holdout_gets_a_seeded_episode_split(tmp_path, fixture_file) -> None:
@@ -86,12 +89,13 @@ def test_real_file_without_holdout_gets_a_seeded_episode_split(tmp_path, fixture
     assert len(starts) == 1 and np.array_equal(episodes[starts[0]].frames, holdout[:200])
 
 
-def test_cli_report_and_exit_codes(tmp_path, fixture_file, fixture_frames) -> None:
+def test_cli_report_and_exit_codes(tmp_path, fixture_file, fixture_frames, capsys) -> None:
     fake = synthetic_file(tmp_path / "fake.h5", fixture_frames[1400:])  # episode 7, a train one
     report = tmp_path / "report"
     common = ["validate", "--real", str(fixture_file), "--fake", str(fake), "--k", "10"]
-    common += ["--kmeans-iters", "10", "--no-progress"]
-    failed = run_cli(*common, "--report", str(report))
+    common += ["--kmeans-iters", "10", "--ndb-fit-samples", "400", "--pca-fit-samples", "400"]
+    common += ["--no-progress"]
+    failed = run_cli(*common, "--report", str(report))  # as a user runs it
     assert failed.returncode == 1, failed.stderr
     assert failed.stdout.startswith("carsynth validate: FAIL")
     assert "failed: copying" in failed.stdout
@@ -100,16 +104,16 @@ def test_cli_report_and_exit_codes(tmp_path, fixture_file, fixture_frames) -> No
     assert data["frames"] == {"train": 1400, "holdout": 200, "fake": 200}
     for name in ("ndb_bins.png", "nn_distances.png", "closest_pairs.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same entry point in-process (no second torch start-up): refused, then lenient flags.
     before = (report / "report.json").stat().st_mtime_ns
-    refused = run_cli(*common, "--report", str(report))
-    assert refused.returncode == 2
-    assert refused.stderr.strip() == (
+    capsys.readouterr()
+    assert main([*common, "--report", str(report)]) == 2
+    assert capsys.readouterr().err.strip() == (
         f"carsynth: error: {report} holds report.json; pass --overwrite to replace it"
     )
     assert (report / "report.json").stat().st_mtime_ns == before
-    lenient = run_cli(*common, "--max-copy-share", "1", "--max-ndb-excess", "1", "--json")
-    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
-    assert json.loads(lenient.stdout)["config"]["max_copy_share"] == 1.0
+    assert main([*common, "--max-copy-share", "1", "--max-ndb-excess", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["max_copy_share"] == 1.0
 
 
 def test_cli_bad_files_exit_2(tmp_path, fixture_file, fixture_frames) -> None:

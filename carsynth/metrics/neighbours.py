@@ -188,8 +188,9 @@ def collapse_check(
         raise ValueError("the collapse check needs at least 2 generated and 2 held-out frames")
     rng = np.random.default_rng(seed)
     pick = [np.sort(rng.choice(len(x), num, replace=False)) for x in (fake, holdout)]
-    d_fake, _ = nearest(*[space.transform(fake[pick[0]])] * 2, exclude_self=True)
-    d_real, _ = nearest(*[space.transform(holdout[pick[1]])] * 2, exclude_self=True)
+    fake_v, real_v = space.transform(fake[pick[0]]), space.transform(holdout[pick[1]])
+    d_fake, _ = nearest(fake_v, fake_v, exclude_self=True)
+    d_real, _ = nearest(real_v, real_v, exclude_self=True)
     threshold = float(np.quantile(d_real, duplicate_quantile))
     median_fake, median_real = float(np.median(d_fake)), float(np.median(d_real))
     return CollapseResult(
