@@ -133,6 +133,25 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adv-weight", type=float, default=d.adv_weight, help="adversarial term with --fm"
     )
+    p.add_argument(
+        "--real-label",
+        type=float,
+        default=d.real_label,
+        help="D target for real frames (0.9: one-sided label smoothing)",
+    )
+    p.add_argument(
+        "--minibatch-kernels",
+        type=int,
+        default=d.minibatch_kernels,
+        help="minibatch discrimination kernels (0: off)",
+    )
+    p.add_argument("--minibatch-kernel-dim", type=int, default=d.minibatch_kernel_dim)
+    p.add_argument(
+        "--historical-weight",
+        type=float,
+        default=d.historical_weight,
+        help="historical-averaging penalty weight (0: off)",
+    )
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1")
     p.add_argument("--beta2", type=float, default=d.beta2, help="Adam beta2")
@@ -169,7 +188,10 @@ def _train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         data=args.data, out=args.out, nz=args.nz, ngf=args.ngf, ndf=args.ndf, fm=args.fm,
-        fm_layer=args.fm_layer, adv_weight=args.adv_weight, lr=args.lr, beta1=args.beta1,
+        fm_layer=args.fm_layer, adv_weight=args.adv_weight, real_label=args.real_label,
+        minibatch_kernels=args.minibatch_kernels,
+        minibatch_kernel_dim=args.minibatch_kernel_dim,
+        historical_weight=args.historical_weight, lr=args.lr, beta1=args.beta1,
         beta2=args.beta2, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
         seed=args.seed, holdout=args.holdout, max_memory_frames=args.max_memory_frames,
         device=args.device, amp=args.amp, channels_last=not args.no_channels_last,

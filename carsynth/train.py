@@ -66,6 +66,11 @@ class TrainConfig:
     fm: bool = False  # feature matching (Salimans et al. 2016) instead of the non-saturating loss
     fm_layer: int = 4  # discriminator block (1..4) whose features are matched; 4 = last
     adv_weight: float = 0.0  # with ``fm``: weight of an added non-saturating adversarial term
+    # mode-collapse mitigations (Salimans et al. 2016)
+    real_label: float = 1.0  # discriminator target for real frames; 0.9 = one-sided smoothing
+    minibatch_kernels: int = 0  # minibatch discrimination kernels B; 0 = off
+    minibatch_kernel_dim: int = 5  # dimension C of each minibatch-discrimination kernel
+    historical_weight: float = 0.0  # weight of the historical-averaging penalty; 0 = off
     # optimisation (Adam as in Radford et al. 2015)
     lr: float = 2e-4  # learning rate of both networks
     beta1: float = 0.5  # Adam beta1; 0.5 steadies GAN training (Radford et al. 2015)
@@ -286,6 +291,12 @@ def _check_config(c: TrainConfig) -> None:
         raise UsageError(f"--epochs must be > 0, got {c.epochs}")
     if c.fm_layer not in FEATURE_LAYERS:
         raise UsageError(f"--fm-layer must be one of {FEATURE_LAYERS}, got {c.fm_layer}")
+    if c.minibatch_kernels < 0 or c.minibatch_kernel_dim < 1:
+        raise UsageError("--minibatch-kernels must be >= 0 and --minibatch-kernel-dim >= 1")
+    if not 0.0 < c.real_label <= 1.0:
+        raise UsageError(f"--real-label must be in (0, 1], got {c.real_label}")
+    if c.historical_weight < 0:
+        raise UsageError(f"--historical-weight must be >= 0, got {c.historical_weight}")
     if c.adv_weight < 0:
         raise UsageError(f"--adv-weight must be >= 0, got {c.adv_weight}")
     if c.holdout is not None and not 0.0 <= c.holdout < 1.0:
@@ -363,18 +374,26 @@ def discriminator_step(
     x: torch.Tensor,
     z: torch.Tensor,
     amp_dtype: torch.dtype | None = None,
+    real_target: float = 1.0,
+    history: list[torch.Tensor] | None = None,
+    history_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One discriminator update: real frames towards 1, generated ones towards 0.
 
     Returns the generated batch (still attached to the generator's graph, for the generator
     step) and, detached, [d_loss, mean D(x), mean D(G(z)), feature-matching distance]. The
     distance is monitored in every mode: it is the one this step's discriminator sees.
+    ``real_target`` < 1 is one-sided label smoothing; ``history`` (running means of the
+    discriminator's parameters) adds ``history_weight`` x the historical-averaging penalty.
     """
     with _autocast(x.device, amp_dtype):
         fake = generator(z)
         real_logits, real_features = discriminator(x)
         fake_logits, fake_features = discriminator(fake.detach())
-        d_loss = losses.d_bce_loss(real_logits, fake_logits)
+        d_loss = losses.d_bce_loss(real_logits, fake_logits, real_target)
+        if history is not None:
+            params = list(discriminator.parameters())
+            d_loss = d_loss + history_weight * losses.historical_averaging_penalty(params, history)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(d_loss).backward()
     scaler.step(opt_d)
@@ -399,12 +418,16 @@ def generator_step(
     fm: bool,
     adv_weight: float = 0.0,
     amp_dtype: torch.dtype | None = None,
+    history: list[torch.Tensor] | None = None,
+    history_weight: float = 0.0,
+    generator: nn.Module | None = None,
 ) -> torch.Tensor:
     """One generator update against the (just updated) discriminator; returns the loss.
 
     ``fm``: feature matching against the real batch's statistics under the current
     discriminator (Salimans et al. 2016), plus ``adv_weight`` x the non-saturating loss; else the
-    non-saturating loss alone. The discriminator's weights are frozen for the step.
+    non-saturating loss alone. The discriminator's weights are frozen for the step. ``history``
+    (running means of ``generator``'s parameters) adds the historical-averaging penalty.
     """
     discriminator.requires_grad_(False)
     try:
@@ -418,6 +441,11 @@ def generator_step(
                     g_loss = g_loss + adv_weight * losses.g_nonsaturating_loss(gen_logits)
             else:
                 g_loss = losses.g_nonsaturating_loss(gen_logits)
+            if history is not None and generator is not None:
+                params = list(generator.parameters())
+                g_loss = g_loss + history_weight * losses.historical_averaging_penalty(
+                    params, history
+                )
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(g_loss).backward()
         scaler.step(opt_g)
@@ -539,7 +567,9 @@ def _train(
     # ---- networks, optimisers, precision
     torch.manual_seed(c.seed)
     generator = Generator(c.nz, c.ngf).to(device)
-    discriminator = Discriminator(c.ndf, c.fm_layer).to(device)
+    discriminator = Discriminator(
+        c.ndf, c.fm_layer, c.minibatch_kernels, c.minibatch_kernel_dim
+    ).to(device)
     channels_last = c.channels_last and device.type == "cuda"
     if channels_last:
         generator.to(memory_format=torch.channels_last)
@@ -550,6 +580,13 @@ def _train(
     amp = c.amp if c.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    # Historical averaging: running means of every parameter over all updates so far.
+    history = None
+    if c.historical_weight:
+        history = {
+            "g": [p.detach().clone() for p in generator.parameters()],
+            "d": [p.detach().clone() for p in discriminator.parameters()],
+        }
 
     start = 0
     if resume_from is not None:
@@ -560,6 +597,10 @@ def _train(
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         scaler.load_state_dict(state["scaler"])
+        if history is not None:
+            for key in history:
+                for mean, saved in zip(history[key], state[f"history_{key}"], strict=True):
+                    mean.copy_(saved)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state["rng_cuda"] is not None:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
@@ -584,6 +625,7 @@ def _train(
     noise = torch.Generator(device=device)
     ema_params, ema_buffers = list(ema.parameters()), list(ema.buffers())
     g_params, g_buffers = list(generator.parameters()), list(generator.buffers())
+    d_params = list(discriminator.parameters())
 
     writer = None
     if rank == 0:
@@ -619,6 +661,7 @@ def _train(
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
             "scaler": scaler.state_dict(),
+            **({f"history_{k}": v for k, v in history.items()} if history is not None else {}),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
@@ -642,9 +685,19 @@ def _train(
             noise.manual_seed(mix_seed(c.seed, step, rank, 0x2))
             z = torch.randn(c.batch_size, c.nz, 1, 1, device=device, generator=noise)
 
-            fake, d_stats = discriminator_step(g_step, d_step, opt_d, scaler, x, z, amp_dtype)
-            g_loss = generator_step(d_plain, opt_g, scaler, x, fake, c.fm, c.adv_weight, amp_dtype)
+            fake, d_stats = discriminator_step(
+                g_step, d_step, opt_d, scaler, x, z, amp_dtype, c.real_label,
+                history["d"] if history else None, c.historical_weight,
+            )  # fmt: skip
+            g_loss = generator_step(
+                d_plain, opt_g, scaler, x, fake, c.fm, c.adv_weight, amp_dtype,
+                history["g"] if history else None, c.historical_weight, generator,
+            )  # fmt: skip
             scaler.update()
+            if history is not None:
+                with torch.no_grad():  # the mean of the step + 2 parameter sets seen so far
+                    torch._foreach_lerp_(history["g"], g_params, 1.0 / (step + 2))
+                    torch._foreach_lerp_(history["d"], d_params, 1.0 / (step + 2))
 
             # EMA of the generator, warmed up so that short runs are not dominated by the init.
             decay = min(c.ema_decay, (1 + step) / (10 + step))

@@ -48,3 +48,24 @@ def test_generator_non_saturating() -> None:
     fake = torch.tensor([0.0, -2.0, 1.0])
     expected = (math.log(2.0) + _softplus(2.0) + _softplus(-1.0)) / 3
     assert math.isclose(losses.g_nonsaturating_loss(fake).item(), expected, rel_tol=1e-6)
+
+
+def test_one_sided_label_smoothing() -> None:
+    real, fake = torch.tensor([1.0]), torch.tensor([-2.0])
+    # BCE towards 0.9: -(0.9 log s(r) + 0.1 log(1 - s(r))) = 0.9 softplus(-r) + 0.1 softplus(r);
+    # the fake target stays 0: softplus(f).
+    expected = 0.9 * _softplus(-1.0) + 0.1 * _softplus(1.0) + _softplus(-2.0)
+    got = losses.d_bce_loss(real, fake, real_target=0.9).item()
+    assert math.isclose(got, expected, rel_tol=1e-6)
+
+
+def test_historical_averaging_penalty() -> None:
+    params = [
+        torch.tensor([1.0, 2.0], requires_grad=True),
+        torch.tensor([[3.0]], requires_grad=True),
+    ]
+    averages = [torch.tensor([0.0, 0.0]), torch.tensor([[1.0]])]
+    penalty = losses.historical_averaging_penalty(params, averages)
+    assert penalty.item() == 1.0 + 4.0 + 4.0
+    penalty.backward()  # d/d theta = 2 (theta - mean)
+    assert params[0].grad.tolist() == [2.0, 4.0] and params[1].grad.tolist() == [[4.0]]

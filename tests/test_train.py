@@ -204,11 +204,36 @@ def test_short_run_moves_sample_colour_towards_real(fixture_file: Path, tmp_path
     assert after[1] - after[0] > 15
 
 
+def test_historical_average_is_the_mean_of_all_parameter_sets(
+    fixture_file: Path, tmp_path: Path
+) -> None:
+    config = tiny(fixture_file, tmp_path / "run", historical_weight=1.0)
+
+    def flat(generator: Generator) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in generator.parameters()])
+
+    torch.manual_seed(config.seed)  # the run's initial generator: the first draws after seeding
+    snapshots = [flat(Generator(8, 8))]
+    for steps in (1, 2, 3):
+        run = train(replace(config, out=str(tmp_path / f"run{steps}"), steps=steps))
+        state = load(latest_checkpoint(run))
+        generator = Generator(8, 8)
+        generator.load_state_dict(state["generator"])
+        snapshots.append(flat(generator))
+    # After 3 updates the running mean covers the initial parameters and the 3 updated sets.
+    mean = torch.cat([h.flatten() for h in state["history_g"]])
+    assert torch.allclose(mean, torch.stack(snapshots).mean(0), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------- resume
-def test_resume_is_bit_identical(fixture_file: Path, tmp_path: Path) -> None:
-    whole = train(tiny(fixture_file, tmp_path / "whole", steps=8, checkpoint_interval=4))
-    part = train(tiny(fixture_file, tmp_path / "part", steps=4, checkpoint_interval=4))
-    train(tiny(fixture_file, part, steps=8, checkpoint_interval=4, resume=True))
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"real_label": 0.9, "minibatch_kernels": 4, "historical_weight": 0.5, "fm": True}],
+)
+def test_resume_is_bit_identical(fixture_file: Path, tmp_path: Path, changes: dict) -> None:
+    whole = train(tiny(fixture_file, tmp_path / "whole", steps=8, checkpoint_interval=4, **changes))
+    part = train(tiny(fixture_file, tmp_path / "part", steps=4, checkpoint_interval=4, **changes))
+    train(tiny(fixture_file, part, steps=8, checkpoint_interval=4, resume=True, **changes))
     assert_same_state(load(latest_checkpoint(whole)), load(latest_checkpoint(part)))
     rows = [
         [json.loads(line)["d_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -246,9 +271,9 @@ def test_nan_stops_and_keeps_last_good_checkpoint(
     calls = []
     real_loss = losses.d_bce_loss
 
-    def poisoned(real_logits, fake_logits):
+    def poisoned(*args):
         calls.append(1)
-        loss = real_loss(real_logits, fake_logits)
+        loss = real_loss(*args)
         return loss * float("nan") if len(calls) == 5 else loss
 
     monkeypatch.setattr(losses, "d_bce_loss", poisoned)
