@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def d_bce_loss(
@@ -59,3 +60,28 @@ def historical_averaging_penalty(
     return torch.stack(
         [(p - a).float().pow(2).sum() for p, a in zip(params, averages, strict=True)]
     ).sum()
+
+
+def d_wasserstein_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The critic's loss mean D(G(z)) - mean D(x) (Arjovsky et al. 2017; Gulrajani et al. 2017)."""
+    return fake_scores.float().mean() - real_scores.float().mean()
+
+
+def g_wasserstein_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    """The WGAN generator loss -mean D(G(z))."""
+    return -fake_scores.float().mean()
+
+
+def gradient_penalty(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """E[(|| grad D(x^) ||_2 - 1)^2], x^ = eps x + (1 - eps) G(z) (Gulrajani et al. 2017, eq. 3).
+
+    ``eps`` (B, 1, 1, 1) holds one U[0, 1] draw per sample. The gradient is taken with
+    ``create_graph=True`` so that the penalty itself trains the critic. ``critic`` returns
+    (scores, features) like :class:`~carsynth.models.Discriminator`.
+    """
+    mixed = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    scores, _ = critic(mixed)
+    (grad,) = torch.autograd.grad(scores.float().sum(), mixed, create_graph=True)
+    return (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()

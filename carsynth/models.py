@@ -86,7 +86,9 @@ class Discriminator(nn.Module):
     default feature layer is block 4, the last one before the classifier.
 
     ``minibatch_kernels`` > 0 adds minibatch discrimination on the flattened block-4 output; its
-    B closeness values enter the classifier as B extra constant 4x4 channels.
+    B closeness values enter the classifier as B extra constant 4x4 channels. ``norm=False``
+    drops batch norm everywhere: the WGAN-GP critic (Gulrajani et al. 2017, section 4) penalises
+    each sample's gradient, which batch statistics would couple across the batch.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Discriminator(nn.Module):
         fm_layer: int = 4,
         minibatch_kernels: int = 0,
         minibatch_kernel_dim: int = 5,
+        norm: bool = True,
     ) -> None:
         super().__init__()
         if fm_layer not in FEATURE_LAYERS:
@@ -111,9 +114,9 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(
             [
                 down(3, ndf, norm=False),  # 32x32
-                down(ndf, ndf * 2, norm=True),  # 16x16
-                down(ndf * 2, ndf * 4, norm=True),  # 8x8
-                down(ndf * 4, ndf * 8, norm=True),  # 4x4
+                down(ndf, ndf * 2, norm=norm),  # 16x16
+                down(ndf * 2, ndf * 4, norm=norm),  # 8x8
+                down(ndf * 4, ndf * 8, norm=norm),  # 4x4
             ]
         )
         self.minibatch = (

@@ -89,13 +89,15 @@ def test_each_step_updates_only_its_network(fm: bool) -> None:
         return [p.detach().clone() for p in m.parameters()]
 
     g0, d0 = snapshot(g), snapshot(d)
-    fake, stats = discriminator_step(g, d, opt_d, scaler, x, z)
+    config = TrainConfig(data="", out="", fm=fm)
+    fake = g(z)
+    stats = discriminator_step(d, opt_d, scaler, x, fake, config)
     assert all(torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
     assert all(not torch.equal(a, b) for a, b in zip(d0, d.parameters(), strict=True))
     assert stats.shape == (4,) and 0 < stats[1] < 1 and 0 < stats[2] < 1
 
     d1 = snapshot(d)
-    g_loss = generator_step(d, opt_g, scaler, x, fake, fm=fm)
+    g_loss = generator_step(g, d, opt_g, scaler, x, fake, config)
     assert all(torch.equal(a, b) for a, b in zip(d1, d.parameters(), strict=True))
     assert all(not torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
     assert all(p.requires_grad for p in d.parameters())  # unfrozen again
@@ -108,6 +110,17 @@ def test_each_step_updates_only_its_network(fm: bool) -> None:
     else:
         expected = losses.g_nonsaturating_loss(gen_logits)
     assert torch.allclose(g_loss, expected, rtol=1e-4)
+
+
+def test_wgan_gp_run(fixture_file: Path, tmp_path: Path) -> None:
+    # 1400 frames / batch 16 = 87 batches an epoch, 5 critic batches per generator step.
+    run = train(tiny(fixture_file, tmp_path / "run", loss="wgan-gp", lr=1e-4, beta1=0, beta2=0.9))
+    record = read_run_config(run)
+    assert record["critic_steps"] == 5 and record["steps_per_epoch"] == 87 / 5
+    state = load(latest_checkpoint(run))
+    assert not any("running_mean" in key for key in state["discriminator"])  # no batch norm
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in rows)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -338,20 +351,25 @@ def test_cli_bad_input_exit_2(fixture_file: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_ddp_two_cpu_processes(fixture_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [["--fm"], ["--loss", "wgan-gp", "--critic-steps", "2"]])
+def test_ddp_two_cpu_processes(fixture_file: Path, tmp_path: Path, mode: list[str]) -> None:
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-port", "29517", "-m", "carsynth", "train", "--data", str(fixture_file),
          "--out", str(out), "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch-size", "8",
-         "--steps", "3", "--log-interval", "1", "--device", "cpu", "--no-progress", "--fm"],
+         "--steps", "3", "--log-interval", "1", "--device", "cpu", "--no-progress", *mode],
         capture_output=True, text=True, timeout=180, cwd=ROOT, env=ENV,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     record = read_run_config(out)
     assert record["world_size"] == 2
-    # Each step consumes 2 processes x 8 frames: 1400 // 16 = 87 steps an epoch.
-    assert record["steps_per_epoch"] == 87
+    # Each batch takes 2 processes x 8 frames: 1400 // 16 = 87 batches an epoch.
+    critic_steps = 2 if "wgan-gp" in mode else 1
+    assert record["critic_steps"] == critic_steps
+    assert record["steps_per_epoch"] == 87 / critic_steps
+    adam = [record["config"][k] for k in ("lr", "beta1", "beta2")]
+    assert adam == ([1e-4, 0.0, 0.9] if "wgan-gp" in mode else [2e-4, 0.5, 0.999])
     assert load(latest_checkpoint(out))["step"] == 3
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
