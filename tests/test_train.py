@@ -198,10 +198,10 @@ def test_run_frames_are_the_split(fixture_file: Path, tmp_path: Path) -> None:
 
 
 def test_epochs_budget(fixture_file: Path, tmp_path: Path) -> None:
-    # 1400 training frames / batch 700 = 2 steps an epoch; 1.5 epochs -> 3 steps.
-    run = train(tiny(fixture_file, tmp_path / "run", steps=None, epochs=1.5, batch_size=700))
-    assert read_run_config(run)["steps"] == 3
-    assert load(latest_checkpoint(run))["step"] == 3
+    # 1400 training frames / batch 16 = 87 steps an epoch; 0.05 epochs -> ceil(4.35) = 5 steps.
+    run = train(tiny(fixture_file, tmp_path / "run", steps=None, epochs=0.05))
+    assert read_run_config(run)["steps"] == 5
+    assert load(latest_checkpoint(run))["step"] == 5
 
 
 def test_short_run_moves_sample_colour_towards_real(fixture_file: Path, tmp_path: Path) -> None:
