@@ -278,6 +278,17 @@ def test_resume_after_sigkill(fixture_file: Path, tmp_path: Path) -> None:
     assert_same_state(load(latest_checkpoint(whole)), load(latest_checkpoint(resumed)))
 
 
+def test_resume_refuses_changed_settings_and_overwrite_replaces(
+    fixture_file: Path, tmp_path: Path
+) -> None:
+    run = train(tiny(fixture_file, tmp_path / "run", steps=2))
+    with pytest.raises(UsageError, match=r"differ from the run: \['lr', 'nz'\]"):
+        train(tiny(fixture_file, run, steps=4, nz=4, lr=1e-3, resume=True))
+    assert load(latest_checkpoint(run))["step"] == 2
+    train(tiny(fixture_file, run, steps=1, overwrite=True))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt_0000001.pt"]
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(
     fixture_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
