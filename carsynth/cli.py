@@ -133,9 +133,36 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--adv-weight", type=float, default=d.adv_weight, help="adversarial term with --fm"
     )
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1")
-    p.add_argument("--beta2", type=float, default=d.beta2, help="Adam beta2")
+    p.add_argument(
+        "--real-label",
+        type=float,
+        default=d.real_label,
+        help="D target for real frames (0.9: one-sided label smoothing)",
+    )
+    p.add_argument(
+        "--minibatch-kernels",
+        type=int,
+        default=d.minibatch_kernels,
+        help="minibatch discrimination kernels (0: off)",
+    )
+    p.add_argument("--minibatch-kernel-dim", type=int, default=d.minibatch_kernel_dim)
+    p.add_argument(
+        "--historical-weight",
+        type=float,
+        default=d.historical_weight,
+        help="historical-averaging penalty weight (0: off)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("bce", "wgan-gp"),
+        default=d.loss,
+        help="bce (DCGAN) or wgan-gp (critic without batch norm, gradient penalty)",
+    )
+    p.add_argument("--gp-weight", type=float, default=d.gp_weight, help="WGAN-GP lambda")
+    p.add_argument("--critic-steps", type=int, help="D steps per G step (5 for wgan-gp, else 1)")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate ({d.lr}; wgan-gp: 1e-4)")
+    p.add_argument("--beta1", type=float, help=f"Adam beta1 ({d.beta1}; wgan-gp: 0)")
+    p.add_argument("--beta2", type=float, help=f"Adam beta2 ({d.beta2}; wgan-gp: 0.9)")
     p.add_argument(
         "--batch-size", type=int, default=d.batch_size, help="frames per step and process"
     )
@@ -167,10 +194,19 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     from carsynth.train import TrainConfig, TrainingDiverged, train
 
+    # Adam defaults: DCGAN's (Radford et al. 2015), or WGAN-GP's (Gulrajani et al. 2017).
+    d = TrainConfig(data="", out="")
+    adam = (1e-4, 0.0, 0.9) if args.loss == "wgan-gp" else (d.lr, d.beta1, d.beta2)
+    lr, beta1, beta2 = (a if a is not None else b for a, b in zip(
+        (args.lr, args.beta1, args.beta2), adam, strict=True))  # fmt: skip
     config = TrainConfig(
         data=args.data, out=args.out, nz=args.nz, ngf=args.ngf, ndf=args.ndf, fm=args.fm,
-        fm_layer=args.fm_layer, adv_weight=args.adv_weight, lr=args.lr, beta1=args.beta1,
-        beta2=args.beta2, batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
+        fm_layer=args.fm_layer, adv_weight=args.adv_weight, real_label=args.real_label,
+        minibatch_kernels=args.minibatch_kernels,
+        minibatch_kernel_dim=args.minibatch_kernel_dim,
+        historical_weight=args.historical_weight, loss=args.loss, gp_weight=args.gp_weight,
+        critic_steps=args.critic_steps, lr=lr, beta1=beta1, beta2=beta2,
+        batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
         seed=args.seed, holdout=args.holdout, max_memory_frames=args.max_memory_frames,
         device=args.device, amp=args.amp, channels_last=not args.no_channels_last,
         compile=args.compile, ema_decay=args.ema_decay, log_interval=args.log_interval,

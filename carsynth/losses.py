@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
-def d_bce_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+def d_bce_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, real_target: float = 1.0
+) -> torch.Tensor:
     """The discriminator's cross-entropy: -log D(x) - log(1 - D(G(z))), batch means.
 
     Goodfellow et al. 2014, "Generative Adversarial Nets", eq. 1 (the discriminator's side).
+    ``real_target`` < 1 is one-sided label smoothing (Salimans et al. 2016, section 3.4): real
+    frames are pushed towards e.g. 0.9 instead of 1, generated ones still towards 0, which keeps
+    the discriminator from becoming over-confident on the real data.
     """
-    real = F.binary_cross_entropy_with_logits(real_logits.float(), torch.ones_like(real_logits))
+    real_targets = torch.full_like(real_logits, real_target, dtype=torch.float32)
+    real = F.binary_cross_entropy_with_logits(real_logits.float(), real_targets)
     fake = F.binary_cross_entropy_with_logits(fake_logits.float(), torch.zeros_like(fake_logits))
     return real + fake
 
@@ -39,3 +46,42 @@ def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tens
     real_mean = real_features.detach().float().flatten(1).mean(0)
     fake_mean = fake_features.float().flatten(1).mean(0)
     return (real_mean - fake_mean).pow(2).sum()
+
+
+def historical_averaging_penalty(
+    params: list[torch.Tensor], averages: list[torch.Tensor]
+) -> torch.Tensor:
+    """sum_i || theta_i - mean_past(theta_i) ||_2^2 (Salimans et al. 2016, section 3.3).
+
+    ``averages`` holds the running mean of each parameter over all past updates (kept by the
+    trainer); the penalty pulls the parameters back towards it, damping the oscillations that
+    gradient descent shows in GAN games.
+    """
+    return torch.stack(
+        [(p - a).float().pow(2).sum() for p, a in zip(params, averages, strict=True)]
+    ).sum()
+
+
+def d_wasserstein_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The critic's loss mean D(G(z)) - mean D(x) (Arjovsky et al. 2017; Gulrajani et al. 2017)."""
+    return fake_scores.float().mean() - real_scores.float().mean()
+
+
+def g_wasserstein_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    """The WGAN generator loss -mean D(G(z))."""
+    return -fake_scores.float().mean()
+
+
+def gradient_penalty(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """E[(|| grad D(x^) ||_2 - 1)^2], x^ = eps x + (1 - eps) G(z) (Gulrajani et al. 2017, eq. 3).
+
+    ``eps`` (B, 1, 1, 1) holds one U[0, 1] draw per sample. The gradient is taken with
+    ``create_graph=True`` so that the penalty itself trains the critic. ``critic`` returns
+    (scores, features) like :class:`~carsynth.models.Discriminator`.
+    """
+    mixed = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    scores, _ = critic(mixed)
+    (grad,) = torch.autograd.grad(scores.float().sum(), mixed, create_graph=True)
+    return (grad.float().flatten(1).norm(dim=1) - 1).pow(2).mean()

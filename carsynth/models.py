@@ -57,15 +57,48 @@ class Generator(nn.Module):
         return self.net(z)
 
 
+class MinibatchDiscrimination(nn.Module):
+    """Minibatch discrimination (Salimans et al. 2016, section 3.2).
+
+    Features f (N, A) are projected by a learned tensor T (A, B x C) to M (N, B, C). For each of
+    the B kernels, c_b(i, j) = exp(-|| M_i,b - M_j,b ||_1) and o(x_i)_b = sum_{j != i} c_b(i, j):
+    how close sample i is to the others of its batch. A collapsed generator makes these closeness
+    values large, which the discriminator then sees. The j = i term (always exp(0) = 1) is left out,
+    as in the authors' code.
+    """
+
+    def __init__(self, in_features: int, kernels: int, kernel_dim: int) -> None:
+        super().__init__()
+        self.kernels, self.kernel_dim = kernels, kernel_dim
+        self.T = nn.Parameter(torch.randn(in_features, kernels * kernel_dim) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        m = (features @ self.T).view(-1, self.kernels, self.kernel_dim)  # (N, B, C)
+        l1 = (m.unsqueeze(1) - m.unsqueeze(0)).abs().sum(-1)  # (N, N, B)
+        return torch.exp(-l1).sum(1) - 1.0  # drop the j = i term
+
+
 class Discriminator(nn.Module):
     """image (B, 3, 64, 64) -> (logits (B,), features of block ``fm_layer``).
 
     Four strided-convolution blocks halve the size 64 -> 32 -> 16 -> 8 -> 4 with LeakyReLU(0.2),
     batch norm on all but the first (Radford et al. 2015); a 4x4 convolution gives one logit. The
     default feature layer is block 4, the last one before the classifier.
+
+    ``minibatch_kernels`` > 0 adds minibatch discrimination on the flattened block-4 output; its
+    B closeness values enter the classifier as B extra constant 4x4 channels. ``norm=False``
+    drops batch norm everywhere: the WGAN-GP critic (Gulrajani et al. 2017, section 4) penalises
+    each sample's gradient, which batch statistics would couple across the batch.
     """
 
-    def __init__(self, ndf: int = 64, fm_layer: int = 4) -> None:
+    def __init__(
+        self,
+        ndf: int = 64,
+        fm_layer: int = 4,
+        minibatch_kernels: int = 0,
+        minibatch_kernel_dim: int = 5,
+        norm: bool = True,
+    ) -> None:
         super().__init__()
         if fm_layer not in FEATURE_LAYERS:
             raise ValueError(f"fm_layer must be one of {FEATURE_LAYERS}, got {fm_layer}")
@@ -81,12 +114,17 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(
             [
                 down(3, ndf, norm=False),  # 32x32
-                down(ndf, ndf * 2, norm=True),  # 16x16
-                down(ndf * 2, ndf * 4, norm=True),  # 8x8
-                down(ndf * 4, ndf * 8, norm=True),  # 4x4
+                down(ndf, ndf * 2, norm=norm),  # 16x16
+                down(ndf * 2, ndf * 4, norm=norm),  # 8x8
+                down(ndf * 4, ndf * 8, norm=norm),  # 4x4
             ]
         )
-        self.classifier = nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False)
+        self.minibatch = (
+            MinibatchDiscrimination(ndf * 8 * 4 * 4, minibatch_kernels, minibatch_kernel_dim)
+            if minibatch_kernels
+            else None
+        )
+        self.classifier = nn.Conv2d(ndf * 8 + minibatch_kernels, 1, 4, 1, 0, bias=False)
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,4 +133,7 @@ class Discriminator(nn.Module):
             x = block(x)
             if i == self.fm_layer:
                 features = x
+        if self.minibatch is not None:
+            closeness = self.minibatch(x.flatten(1).float()).to(x.dtype)
+            x = torch.cat([x, closeness[:, :, None, None].expand(-1, -1, *x.shape[2:])], 1)
         return self.classifier(x).flatten(), features

@@ -66,6 +66,15 @@ class TrainConfig:
     fm: bool = False  # feature matching (Salimans et al. 2016) instead of the non-saturating loss
     fm_layer: int = 4  # discriminator block (1..4) whose features are matched; 4 = last
     adv_weight: float = 0.0  # with ``fm``: weight of an added non-saturating adversarial term
+    # mode-collapse mitigations (Salimans et al. 2016)
+    real_label: float = 1.0  # discriminator target for real frames; 0.9 = one-sided smoothing
+    minibatch_kernels: int = 0  # minibatch discrimination kernels B; 0 = off
+    minibatch_kernel_dim: int = 5  # dimension C of each minibatch-discrimination kernel
+    historical_weight: float = 0.0  # weight of the historical-averaging penalty; 0 = off
+    # WGAN-GP (Gulrajani et al. 2017): pair it with lr 1e-4, beta1 0, beta2 0.9 (the CLI does)
+    loss: Literal["bce", "wgan-gp"] = "bce"  # "wgan-gp": critic without batch norm + penalty
+    gp_weight: float = 10.0  # gradient-penalty weight lambda (WGAN-GP)
+    critic_steps: int | None = None  # D updates per G update; None: 5 for wgan-gp, else 1
     # optimisation (Adam as in Radford et al. 2015)
     lr: float = 2e-4  # learning rate of both networks
     beta1: float = 0.5  # Adam beta1; 0.5 steadies GAN training (Radford et al. 2015)
@@ -300,6 +309,18 @@ def _check_config(c: TrainConfig) -> None:
         raise UsageError(f"--epochs must be > 0, got {c.epochs}")
     if c.fm_layer not in FEATURE_LAYERS:
         raise UsageError(f"--fm-layer must be one of {FEATURE_LAYERS}, got {c.fm_layer}")
+    if c.minibatch_kernels < 0 or c.minibatch_kernel_dim < 1:
+        raise UsageError("--minibatch-kernels must be >= 0 and --minibatch-kernel-dim >= 1")
+    if not 0.0 < c.real_label <= 1.0:
+        raise UsageError(f"--real-label must be in (0, 1], got {c.real_label}")
+    if c.loss not in ("bce", "wgan-gp"):
+        raise UsageError(f"--loss must be bce or wgan-gp, got {c.loss!r}")
+    if c.critic_steps is not None and c.critic_steps < 1:
+        raise UsageError(f"--critic-steps must be >= 1, got {c.critic_steps}")
+    if c.gp_weight < 0:
+        raise UsageError(f"--gp-weight must be >= 0, got {c.gp_weight}")
+    if c.historical_weight < 0:
+        raise UsageError(f"--historical-weight must be >= 0, got {c.historical_weight}")
     if c.adv_weight < 0:
         raise UsageError(f"--adv-weight must be >= 0, got {c.adv_weight}")
     if c.holdout is not None and not 0.0 <= c.holdout < 1.0:
@@ -370,68 +391,97 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast
 
 
 def discriminator_step(
-    generator: nn.Module,
     discriminator: nn.Module,
     opt_d: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     x: torch.Tensor,
-    z: torch.Tensor,
+    fake: torch.Tensor,
+    config: TrainConfig,
     amp_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One discriminator update: real frames towards 1, generated ones towards 0.
+    history: list[torch.Tensor] | None = None,
+    critic: nn.Module | None = None,
+    eps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One discriminator update on a real batch ``x`` and a generated batch ``fake``.
 
-    Returns the generated batch (still attached to the generator's graph, for the generator
-    step) and, detached, [d_loss, mean D(x), mean D(G(z)), feature-matching distance]. The
-    distance is monitored in every mode: it is the one this step's discriminator sees.
+    ``config.loss`` "bce": real frames towards ``config.real_label`` (1, or 0.9 for one-sided
+    label smoothing), generated ones towards 0. "wgan-gp": the critic loss of Gulrajani et al.
+    2017 with the gradient penalty at ``eps * x + (1 - eps) * fake`` computed through ``critic``
+    (the bare network: DistributedDataParallel does not take double backward). ``history`` (running
+    means of the discriminator's parameters) adds the historical-averaging penalty. Returns,
+    detached, [d_loss, mean D(x), mean D(G(z)), feature-matching distance]: D(.) is a probability
+    for "bce" and a raw critic score for "wgan-gp". The distance is monitored in every mode.
     """
+    fake = fake.detach()
     with _autocast(x.device, amp_dtype):
-        fake = generator(z)
         real_logits, real_features = discriminator(x)
-        fake_logits, fake_features = discriminator(fake.detach())
-        d_loss = losses.d_bce_loss(real_logits, fake_logits)
+        fake_logits, fake_features = discriminator(fake)
+        if config.loss == "wgan-gp":
+            d_loss = losses.d_wasserstein_loss(real_logits, fake_logits)
+            d_loss = d_loss + config.gp_weight * losses.gradient_penalty(
+                critic or discriminator, x, fake, eps
+            )
+        else:
+            d_loss = losses.d_bce_loss(real_logits, fake_logits, config.real_label)
+        if history is not None:
+            params = list(discriminator.parameters())
+            penalty = losses.historical_averaging_penalty(params, history)
+            d_loss = d_loss + config.historical_weight * penalty
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(d_loss).backward()
     scaler.step(opt_d)
     with torch.no_grad():
-        stats = torch.stack(
+        to_stat = torch.sigmoid if config.loss == "bce" else torch.clone
+        return torch.stack(
             [
                 d_loss.float(),
-                torch.sigmoid(real_logits.float()).mean(),
-                torch.sigmoid(fake_logits.float()).mean(),
+                to_stat(real_logits.float()).mean(),
+                to_stat(fake_logits.float()).mean(),
                 losses.feature_matching_loss(real_features, fake_features),
             ]
         )
-    return fake, stats
 
 
 def generator_step(
+    generator: nn.Module,
     discriminator: nn.Module,
     opt_g: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     x: torch.Tensor,
     fake: torch.Tensor,
-    fm: bool,
-    adv_weight: float = 0.0,
+    config: TrainConfig,
     amp_dtype: torch.dtype | None = None,
+    history: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One generator update against the (just updated) discriminator; returns the loss.
 
-    ``fm``: feature matching against the real batch's statistics under the current
-    discriminator (Salimans et al. 2016), plus ``adv_weight`` x the non-saturating loss; else the
-    non-saturating loss alone. The discriminator's weights are frozen for the step.
+    ``fake`` is ``generator``'s output, still attached to its graph. ``config.fm``: feature
+    matching against the real batch's statistics under the current discriminator (Salimans et al.
+    2016), plus ``config.adv_weight`` x the adversarial loss; else the adversarial loss alone
+    (non-saturating for "bce", -mean D(G(z)) for "wgan-gp"). The discriminator's weights are
+    frozen for the step; ``history`` adds the historical-averaging penalty.
     """
     discriminator.requires_grad_(False)
     try:
         with _autocast(x.device, amp_dtype):
             gen_logits, gen_features = discriminator(fake)
-            if fm:
+            adversarial = (
+                losses.g_wasserstein_loss(gen_logits)
+                if config.loss == "wgan-gp"
+                else losses.g_nonsaturating_loss(gen_logits)
+            )
+            if config.fm:
                 with torch.no_grad():
                     _, real_features = discriminator(x)
                 g_loss = losses.feature_matching_loss(real_features, gen_features)
-                if adv_weight:
-                    g_loss = g_loss + adv_weight * losses.g_nonsaturating_loss(gen_logits)
+                if config.adv_weight:
+                    g_loss = g_loss + config.adv_weight * adversarial
             else:
-                g_loss = losses.g_nonsaturating_loss(gen_logits)
+                g_loss = adversarial
+            if history is not None:
+                params = list(generator.parameters())
+                penalty = losses.historical_averaging_penalty(params, history)
+                g_loss = g_loss + config.historical_weight * penalty
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(g_loss).backward()
         scaler.step(opt_g)
@@ -496,7 +546,9 @@ def _train(
             f"--batch-size {c.batch_size} x {world} processes is larger than the "
             f"{n} training frames of {f.path}"
         )
-    steps_per_epoch = n // global_batch  # the last partial batch of an epoch is dropped
+    batches_per_epoch = n // global_batch  # the last partial batch of an epoch is dropped
+    critic_steps = c.critic_steps or (5 if c.loss == "wgan-gp" else 1)
+    steps_per_epoch = batches_per_epoch / critic_steps  # generator steps per pass over the data
     total = c.steps or (math.ceil(c.epochs * steps_per_epoch) if c.epochs else DEFAULT_STEPS)
 
     # ---- run directory (rank 0 writes; every rank reads)
@@ -526,6 +578,7 @@ def _train(
             "data": data_info,
             "steps": total,
             "steps_per_epoch": steps_per_epoch,
+            "critic_steps": critic_steps,
             "world_size": world,
             "device": str(device),
             "versions": {
@@ -553,17 +606,30 @@ def _train(
     # ---- networks, optimisers, precision
     torch.manual_seed(c.seed)
     generator = Generator(c.nz, c.ngf).to(device)
-    discriminator = Discriminator(c.ndf, c.fm_layer).to(device)
+    discriminator = Discriminator(
+        c.ndf, c.fm_layer, c.minibatch_kernels, c.minibatch_kernel_dim, norm=c.loss == "bce"
+    ).to(device)
     channels_last = c.channels_last and device.type == "cuda"
     if channels_last:
         generator.to(memory_format=torch.channels_last)
         discriminator.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=c.lr, betas=(c.beta1, c.beta2))
+    opt_g = torch.optim.Adam(
+        generator.parameters(), lr=c.lr, betas=(float(c.beta1), float(c.beta2))
+    )
+    opt_d = torch.optim.Adam(
+        discriminator.parameters(), lr=c.lr, betas=(float(c.beta1), float(c.beta2))
+    )
     amp = c.amp if c.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    # Historical averaging: running means of every parameter over all updates so far.
+    history = None
+    if c.historical_weight:
+        history = {
+            "g": [p.detach().clone() for p in generator.parameters()],
+            "d": [p.detach().clone() for p in discriminator.parameters()],
+        }
 
     start = 0
     if resume_from is not None:
@@ -574,6 +640,10 @@ def _train(
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         scaler.load_state_dict(state["scaler"])
+        if history is not None:
+            for key in history:
+                for mean, saved in zip(history[key], state[f"history_{key}"], strict=True):
+                    mean.copy_(saved)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state["rng_cuda"] is not None:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
@@ -598,6 +668,7 @@ def _train(
     noise = torch.Generator(device=device)
     ema_params, ema_buffers = list(ema.parameters()), list(ema.buffers())
     g_params, g_buffers = list(generator.parameters()), list(generator.buffers())
+    d_params = list(discriminator.parameters())
 
     writer = None
     if rank == 0:
@@ -633,6 +704,7 @@ def _train(
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
             "scaler": scaler.state_dict(),
+            **({f"history_{k}": v for k, v in history.items()} if history is not None else {}),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
@@ -647,18 +719,34 @@ def _train(
     bar = tqdm(total=total, initial=start, disable=not (c.progress and rank == 0), desc="train")
     try:
         for step in range(start, total):
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order_epoch = epoch
-                source.start_epoch(epoch_order(n, epoch, c.seed, block))
-            at = k * global_batch + rank * c.batch_size
-            x = to_input(source.batch(at, c.batch_size))
-            noise.manual_seed(mix_seed(c.seed, step, rank, 0x2))
-            z = torch.randn(c.batch_size, c.nz, 1, 1, device=device, generator=noise)
-
-            fake, d_stats = discriminator_step(g_step, d_step, opt_d, scaler, x, z, amp_dtype)
-            g_loss = generator_step(d_plain, opt_g, scaler, x, fake, c.fm, c.adv_weight, amp_dtype)
+            # critic_steps discriminator updates, each on its own batch and noise; the generator
+            # update then uses the last of them (its fake batch keeps the generator's graph).
+            for i in range(critic_steps):
+                batch = step * critic_steps + i
+                epoch, k = divmod(batch, batches_per_epoch)
+                if epoch != order_epoch:
+                    order_epoch = epoch
+                    source.start_epoch(epoch_order(n, epoch, c.seed, block))
+                at = k * global_batch + rank * c.batch_size
+                x = to_input(source.batch(at, c.batch_size))
+                noise.manual_seed(mix_seed(c.seed, step, rank, i))
+                z = torch.randn(c.batch_size, c.nz, 1, 1, device=device, generator=noise)
+                eps = torch.rand(c.batch_size, 1, 1, 1, device=device, generator=noise)
+                with torch.set_grad_enabled(i == critic_steps - 1), _autocast(device, amp_dtype):
+                    fake = g_step(z)
+                d_stats = discriminator_step(
+                    d_step, opt_d, scaler, x, fake, c, amp_dtype,
+                    history["d"] if history else None, d_plain, eps,
+                )  # fmt: skip
+            g_loss = generator_step(
+                generator, d_plain, opt_g, scaler, x, fake, c, amp_dtype,
+                history["g"] if history else None,
+            )  # fmt: skip
             scaler.update()
+            if history is not None:
+                with torch.no_grad():  # the mean of the step + 2 parameter sets seen so far
+                    torch._foreach_lerp_(history["g"], g_params, 1.0 / (step + 2))
+                    torch._foreach_lerp_(history["d"], d_params, 1.0 / (step + 2))
 
             # EMA of the generator, warmed up so that short runs are not dominated by the init.
             decay = min(c.ema_decay, (1 + step) / (10 + step))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from carsynth.models import Discriminator, Generator
+from carsynth.models import Discriminator, Generator, MinibatchDiscrimination
 from carsynth.sampling import LATENT_BLOCK, generate_frames, latents, to_uint8
 
 torch.set_num_threads(1)  # tiny networks: threads only fight over the two shared cores
@@ -70,3 +70,29 @@ def test_generate_frames_is_independent_of_batching() -> None:
     np.testing.assert_array_equal(generate_frames(g, 3, 7, 4, batch_size=64), frames[7:11])
     expected = to_uint8(g(latents(3, 0, 12, 8))).numpy()
     np.testing.assert_array_equal(frames, expected)
+
+
+def test_minibatch_discrimination_formula() -> None:
+    layer = MinibatchDiscrimination(in_features=2, kernels=1, kernel_dim=2)
+    with torch.no_grad():
+        layer.T.copy_(torch.eye(2))  # M = f
+    f = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    # L1 distances: d01 = 1, d02 = 2, d12 = 3; o_i = sum over j != i of exp(-d_ij).
+    e = np.exp
+    expected = [[e(-1) + e(-2)], [e(-1) + e(-3)], [e(-2) + e(-3)]]
+    np.testing.assert_allclose(layer(f).detach().numpy(), expected, rtol=1e-6)
+
+
+def test_minibatch_discrimination_lets_samples_see_their_batch() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    changed = x.clone()
+    changed[3] = torch.randn(3, 64, 64)
+    for kernels, coupled in ((0, False), (6, True)):
+        d = Discriminator(ndf=4, minibatch_kernels=kernels, minibatch_kernel_dim=3).eval()
+        with torch.no_grad():
+            logits, _ = d(x)
+            other, _ = d(changed)
+        assert logits.shape == (4,)
+        # Sample 0's logit depends on sample 3 only through the minibatch features.
+        assert (not torch.equal(logits[0], other[0])) == coupled

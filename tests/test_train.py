@@ -89,13 +89,15 @@ def test_each_step_updates_only_its_network(fm: bool) -> None:
         return [p.detach().clone() for p in m.parameters()]
 
     g0, d0 = snapshot(g), snapshot(d)
-    fake, stats = discriminator_step(g, d, opt_d, scaler, x, z)
+    config = TrainConfig(data="", out="", fm=fm)
+    fake = g(z)
+    stats = discriminator_step(d, opt_d, scaler, x, fake, config)
     assert all(torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
     assert all(not torch.equal(a, b) for a, b in zip(d0, d.parameters(), strict=True))
     assert stats.shape == (4,) and 0 < stats[1] < 1 and 0 < stats[2] < 1
 
     d1 = snapshot(d)
-    g_loss = generator_step(d, opt_g, scaler, x, fake, fm=fm)
+    g_loss = generator_step(g, d, opt_g, scaler, x, fake, config)
     assert all(torch.equal(a, b) for a, b in zip(d1, d.parameters(), strict=True))
     assert all(not torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
     assert all(p.requires_grad for p in d.parameters())  # unfrozen again
@@ -108,6 +110,17 @@ def test_each_step_updates_only_its_network(fm: bool) -> None:
     else:
         expected = losses.g_nonsaturating_loss(gen_logits)
     assert torch.allclose(g_loss, expected, rtol=1e-4)
+
+
+def test_wgan_gp_run(fixture_file: Path, tmp_path: Path) -> None:
+    # 1400 frames / batch 16 = 87 batches an epoch, 5 critic batches per generator step.
+    run = train(tiny(fixture_file, tmp_path / "run", loss="wgan-gp", lr=1e-4, beta1=0, beta2=0.9))
+    record = read_run_config(run)
+    assert record["critic_steps"] == 5 and record["steps_per_epoch"] == 87 / 5
+    state = load(latest_checkpoint(run))
+    assert not any("running_mean" in key for key in state["discriminator"])  # no batch norm
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in rows)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -185,30 +198,55 @@ def test_run_frames_are_the_split(fixture_file: Path, tmp_path: Path) -> None:
 
 
 def test_epochs_budget(fixture_file: Path, tmp_path: Path) -> None:
-    # 1400 training frames / batch 700 = 2 steps an epoch; 1.5 epochs -> 3 steps.
-    run = train(tiny(fixture_file, tmp_path / "run", steps=None, epochs=1.5, batch_size=700))
-    assert read_run_config(run)["steps"] == 3
-    assert load(latest_checkpoint(run))["step"] == 3
+    # 1400 training frames / batch 16 = 87 steps an epoch; 0.05 epochs -> ceil(4.35) = 5 steps.
+    run = train(tiny(fixture_file, tmp_path / "run", steps=None, epochs=0.05))
+    assert read_run_config(run)["steps"] == 5
+    assert load(latest_checkpoint(run))["step"] == 5
 
 
 def test_short_run_moves_sample_colour_towards_real(fixture_file: Path, tmp_path: Path) -> None:
-    config = tiny(fixture_file, tmp_path / "run", nz=16, ngf=16, ndf=16, batch_size=32, fm=True)
+    config = tiny(fixture_file, tmp_path / "run", nz=16, ngf=16, ndf=16, fm=True)
     run = train(replace(config, steps=100, lr=1e-3, ema_decay=0.9, log_interval=50))
     real = run_frames(run, "train").reshape(-1, 3).mean(0)  # about (89, 160, 89): grass green
     torch.manual_seed(1)
     before = generate_frames(Generator(16, 16).eval(), 0, 0, 256).reshape(-1, 3).mean(0)
     after = generate_frames(load_generator(run), 0, 0, 256).reshape(-1, 3).mean(0)
     assert np.abs(before - 127.5).max() < 3  # an untrained generator is mid-grey
-    # Measured: distance 64 -> 34, green - red 0 -> 33.
+    # Measured: distance 64 -> 33, green - red 0 -> 34.
     assert np.linalg.norm(after - real) < 0.7 * np.linalg.norm(before - real)
     assert after[1] - after[0] > 15
 
 
+def test_historical_average_is_the_mean_of_all_parameter_sets(
+    fixture_file: Path, tmp_path: Path
+) -> None:
+    config = tiny(fixture_file, tmp_path / "run", historical_weight=1.0)
+
+    def flat(generator: Generator) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in generator.parameters()])
+
+    torch.manual_seed(config.seed)  # the run's initial generator: the first draws after seeding
+    snapshots = [flat(Generator(8, 8))]
+    for steps in (1, 2, 3):
+        run = train(replace(config, out=str(tmp_path / f"run{steps}"), steps=steps))
+        state = load(latest_checkpoint(run))
+        generator = Generator(8, 8)
+        generator.load_state_dict(state["generator"])
+        snapshots.append(flat(generator))
+    # After 3 updates the running mean covers the initial parameters and the 3 updated sets.
+    mean = torch.cat([h.flatten() for h in state["history_g"]])
+    assert torch.allclose(mean, torch.stack(snapshots).mean(0), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------- resume
-def test_resume_is_bit_identical(fixture_file: Path, tmp_path: Path) -> None:
-    whole = train(tiny(fixture_file, tmp_path / "whole", steps=8, checkpoint_interval=4))
-    part = train(tiny(fixture_file, tmp_path / "part", steps=4, checkpoint_interval=4))
-    train(tiny(fixture_file, part, steps=8, checkpoint_interval=4, resume=True))
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"real_label": 0.9, "minibatch_kernels": 4, "historical_weight": 0.5, "fm": True}],
+)
+def test_resume_is_bit_identical(fixture_file: Path, tmp_path: Path, changes: dict) -> None:
+    whole = train(tiny(fixture_file, tmp_path / "whole", steps=8, checkpoint_interval=4, **changes))
+    part = train(tiny(fixture_file, tmp_path / "part", steps=4, checkpoint_interval=4, **changes))
+    train(tiny(fixture_file, part, steps=8, checkpoint_interval=4, resume=True, **changes))
     assert_same_state(load(latest_checkpoint(whole)), load(latest_checkpoint(part)))
     rows = [
         [json.loads(line)["d_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -240,15 +278,26 @@ def test_resume_after_sigkill(fixture_file: Path, tmp_path: Path) -> None:
     assert_same_state(load(latest_checkpoint(whole)), load(latest_checkpoint(resumed)))
 
 
+def test_resume_refuses_changed_settings_and_overwrite_replaces(
+    fixture_file: Path, tmp_path: Path
+) -> None:
+    run = train(tiny(fixture_file, tmp_path / "run", steps=2))
+    with pytest.raises(UsageError, match=r"differ from the run: \['lr', 'nz'\]"):
+        train(tiny(fixture_file, run, steps=4, nz=4, lr=1e-3, resume=True))
+    assert load(latest_checkpoint(run))["step"] == 2
+    train(tiny(fixture_file, run, steps=1, overwrite=True))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt_0000001.pt"]
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(
     fixture_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
     real_loss = losses.d_bce_loss
 
-    def poisoned(real_logits, fake_logits):
+    def poisoned(*args):
         calls.append(1)
-        loss = real_loss(real_logits, fake_logits)
+        loss = real_loss(*args)
         return loss * float("nan") if len(calls) == 5 else loss
 
     monkeypatch.setattr(losses, "d_bce_loss", poisoned)
@@ -313,20 +362,25 @@ def test_cli_bad_input_exit_2(fixture_file: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_ddp_two_cpu_processes(fixture_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [["--fm"], ["--loss", "wgan-gp", "--critic-steps", "2"]])
+def test_ddp_two_cpu_processes(fixture_file: Path, tmp_path: Path, mode: list[str]) -> None:
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-port", "29517", "-m", "carsynth", "train", "--data", str(fixture_file),
          "--out", str(out), "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch-size", "8",
-         "--steps", "3", "--log-interval", "1", "--device", "cpu", "--no-progress", "--fm"],
+         "--steps", "3", "--log-interval", "1", "--device", "cpu", "--no-progress", *mode],
         capture_output=True, text=True, timeout=180, cwd=ROOT, env=ENV,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     record = read_run_config(out)
     assert record["world_size"] == 2
-    # Each step consumes 2 processes x 8 frames: 1400 // 16 = 87 steps an epoch.
-    assert record["steps_per_epoch"] == 87
+    # Each batch takes 2 processes x 8 frames: 1400 // 16 = 87 batches an epoch.
+    critic_steps = 2 if "wgan-gp" in mode else 1
+    assert record["critic_steps"] == critic_steps
+    assert record["steps_per_epoch"] == 87 / critic_steps
+    adam = [record["config"][k] for k in ("lr", "beta1", "beta2")]
+    assert adam == ([1e-4, 0.0, 0.9] if "wgan-gp" in mode else [2e-4, 0.5, 0.999])
     assert load(latest_checkpoint(out))["step"] == 3
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
