@@ -244,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recon", choices=("mse", "bce"), default=d.recon)
     p.add_argument("--kl-tolerance", type=float, default=d.kl_tolerance, help="free nats per dim")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.threads:
+        # On a shared CPU one thread per run is often faster than contended ones (tiny batches).
+        torch.set_num_threads(args.threads)
     config = ExperimentConfig(
         real=args.real, synthetic=args.synthetic, out=args.out, small=args.small,
         synthetic_frames=args.synthetic_frames, eval_frames=args.eval_frames, seeds=args.seeds,
