@@ -125,8 +125,8 @@ def test_reparameterisation_statistics_and_gradient() -> None:
     mu = torch.full((200_000, 1), 2.0, requires_grad=True)
     logvar = torch.full((200_000, 1), math.log(0.25), requires_grad=True)
     z = vae.reparameterize(mu, logvar)
-    assert float(z.mean()) == pytest.approx(2.0, abs=0.005)  # std error 0.5 / sqrt(2e5) = 0.0011
-    assert float(z.std()) == pytest.approx(0.5, abs=0.005)
+    assert z.mean().item() == pytest.approx(2.0, abs=0.005)  # std error 0.5 / sqrt(2e5) = 0.0011
+    assert z.std().item() == pytest.approx(0.5, abs=0.005)
     z.sum().backward()
     assert torch.all(mu.grad == 1.0)
     # dz/dlogvar = 0.5 * sigma * eps = 0.5 * (z - mu)
