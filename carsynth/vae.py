@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -208,7 +208,8 @@ class VAEResult:
 
     def to_dict(self) -> dict:
         """The numbers as plain JSON-ready values (the model is left out)."""
-        out = {k: v for k, v in asdict(self).items() if k != "model"}
+        # Not dataclasses.asdict: it would deep-copy the model only to drop it.
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
         out["eval_mse"] = self.eval_mse
         return out
 

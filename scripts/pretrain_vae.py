@@ -38,6 +38,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ class ExperimentConfig:
     """Cap on held-out frames used for evaluation (``None``: the whole holdout split)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """One VAE per arm and seed; the seed sets initialisation, shuffling and noise."""
-    budget: str = "steps"
+    budget: Literal["steps", "epochs"] = "steps"
     """"steps": every arm gets as many gradient steps as (b) gets in ``vae.epochs`` epochs;
     "epochs": every arm gets ``vae.epochs`` epochs (the small set then gets fewer steps)."""
     vae: VAEConfig = field(default_factory=VAEConfig)

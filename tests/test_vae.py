@@ -241,13 +241,13 @@ def test_script_end_to_end_writes_json_and_markdown(
     out = tmp_path / "vae.json"
     result = _run_script(
         "--real", str(fixture_file), "--synthetic", str(synthetic_file), "--out", str(out),
-        "--small", "50", "--synthetic-frames", "50", "--batch-size", "50", "--epochs", "1",
-        "--seeds", "0", "1", "--eval-frames", "40", "--no-progress",
+        "--small", "40", "--synthetic-frames", "40", "--batch-size", "40", "--epochs", "1",
+        "--seeds", "0", "1", "--eval-frames", "20", "--no-progress",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert data["eval_frames"] == 40
-    assert [data["arms"][k]["train_frames"] for k in "abc"] == [50, 100, 100]
+    assert data["eval_frames"] == 20
+    assert [data["arms"][k]["train_frames"] for k in "abc"] == [40, 80, 80]
     assert [data["arms"][k]["steps"] for k in "abc"] == [2, 2, 2]
     for row in data["arms"].values():
         assert len(row["eval_mse"]) == 2 and all(0 < v < 0.2 for v in row["eval_mse"])
