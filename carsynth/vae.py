@@ -192,14 +192,21 @@ class VAEResult:
     """What :func:`train_vae` measured. Losses are per image, averaged over an epoch."""
 
     config: dict
+    """The :class:`VAEConfig` that produced this result, as a dict."""
     train_loss: list[float]
+    """Loss as optimised (reconstruction + floored KL) per epoch."""
     train_recon: list[float]
+    """Reconstruction term per epoch (summed over an image's pixels)."""
     train_kl: list[float]
+    """KL term per epoch, after the ``kl_tolerance`` floor, in nats."""
     eval_mse_curve: list[float]
     """Held-out reconstruction MSE per pixel after each epoch."""
     steps: int
+    """Gradient steps taken."""
     seconds: float
+    """Wall time of the training loop, evaluation included."""
     model: ConvVAE = field(repr=False)
+    """The trained model (on ``config.device``)."""
 
     @property
     def eval_mse(self) -> float:
@@ -224,6 +231,10 @@ def train_vae(frames_train: np.ndarray, frames_eval: np.ndarray, config: VAEConf
     """
     _check_frames(frames_train, "frames_train")
     _check_frames(frames_eval, "frames_eval")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ValueError(
+            f"epochs and batch_size must be >= 1, got {config.epochs}, {config.batch_size}"
+        )
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

@@ -85,6 +85,11 @@ class ExperimentConfig:
 def read_frames(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(real train frames, synthetic frames, held-out real frames), exactly as many as needed."""
     n_synth = config.synthetic_frames if config.synthetic_frames is not None else config.small
+    if config.vae.epochs < 1 or config.vae.batch_size < 1:
+        raise UsageError(
+            f"--epochs and --batch-size must be >= 1, got {config.vae.epochs}, "
+            f"{config.vae.batch_size}"
+        )
     if config.small < 1 or n_synth < 1:
         raise UsageError(
             f"--small and --synthetic-frames must be >= 1, got {config.small}, {n_synth}"

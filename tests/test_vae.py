@@ -175,6 +175,8 @@ def test_training_rejects_wrong_frames() -> None:
         vae.train_vae(good.astype(np.float32), good, vae.VAEConfig(epochs=1))
     with pytest.raises(ValueError, match="frames_eval must be uint8"):
         vae.train_vae(good, np.zeros((4, 96, 96, 3), np.uint8), vae.VAEConfig(epochs=1))
+    with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
+        vae.train_vae(good, good, vae.VAEConfig(epochs=0))
 
 
 # ------------------------------------------------------------------------------------- experiment
@@ -269,6 +271,7 @@ def _main(fixture_file: Path, synthetic_file: Path, out: Path, *extra: str) -> i
         (["--small", "1400"], "arm (c) needs 2800 real train frames"),
         (["--synthetic-frames", "301"], "--synthetic-frames 301 but the file has 300"),
         (["--device", "nonsense"], "--device nonsense: not usable here"),
+        (["--epochs", "0"], "--epochs and --batch-size must be >= 1, got 0, 32"),
     ],
 )
 def test_script_usage_errors(
