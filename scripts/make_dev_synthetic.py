@@ -4,9 +4,9 @@ A GAN trained on a small real set can only re-express what that set holds, so th
 placeholder is built from the same frames: the first ``--source`` real train frames (arm (a) of
 pretrain_vae.py when ``--source`` equals its ``--small``), each copy perturbed by a random shift
 of up to ``--shift`` pixels (edges repeated), a brightness/contrast change of up to
-``--jitter`` and Gaussian pixel noise of standard deviation ``--noise`` (in 0-255 units). The file
-is written with ``kind="synthetic"`` and a ``source`` attribute saying what it is. Results with it
-say nothing about real GAN output; they only exercise the experiment.
+``--jitter`` and Gaussian pixel noise of standard deviation ``--noise`` (in 0-255 units). The
+file is written with ``kind="synthetic"`` and a ``description`` attribute saying what it is.
+Results with it say nothing about real GAN output; they only exercise the experiment.
 
     python3 scripts/make_dev_synthetic.py --real real.h5 --out dev_synthetic.h5
 """
@@ -22,7 +22,9 @@ from carsynth import storage
 from carsynth.errors import UsageError
 
 
-def perturb(frames: np.ndarray, rng: np.random.Generator, shift: int, jitter: float, noise: float):
+def perturb(
+    frames: np.ndarray, rng: np.random.Generator, shift: int, jitter: float, noise: float
+) -> np.ndarray:
     """Randomly shifted, brightness/contrast-jittered, noisy copies of uint8 (N, H, W, 3) frames."""
     out = np.empty_like(frames)
     for i, frame in enumerate(frames):
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed)
         frames = perturb(source[rng.integers(0, len(source), size=args.count)], rng,
                          args.shift, args.jitter, args.noise)  # fmt: skip
-        attrs = {"source": f"make_dev_synthetic.py: perturbed copies of {args.real}", **vars(args)}
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}
+        stand_in = f"make_dev_synthetic.py: perturbed copies of {args.real}, not GAN output"
+        attrs = {**settings, "description": stand_in}
         storage.create_frame_file(
             args.out, kind="synthetic", frame_size=source.shape[1:3], action_dim=None,
             attrs=attrs, overwrite=args.overwrite,

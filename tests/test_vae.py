@@ -19,15 +19,16 @@ from conftest import ROOT
 from carsynth import storage, vae
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_vae", ROOT / "scripts/pretrain_vae.py")
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"scripts/{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-pretrain = _load_script()
+pretrain = _load_script("pretrain_vae")
+dev_synthetic = _load_script("make_dev_synthetic")
 
 
 @pytest.fixture(autouse=True)
@@ -299,3 +300,25 @@ def test_script_refuses_to_overwrite(
     expected = f"pretrain_vae.py: error: {out} exists; pass --overwrite to replace it\n"
     assert capsys.readouterr().err == expected
     assert out.read_text() == "earlier result" and not out.with_suffix(".md").exists()
+
+
+# -------------------------------------------------------------------------- development stand-in
+def test_dev_synthetic_perturbations() -> None:
+    frames = np.random.default_rng(1).integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(dev_synthetic.perturb(frames, rng, 0, 0.0, 0.0), frames)
+    shifted = dev_synthetic.perturb(frames, rng, 2, 0.0, 0.0)
+    for source, out in zip(frames, shifted, strict=True):
+        padded = np.pad(source, ((2, 2), (2, 2), (0, 0)), mode="edge")
+        windows = [padded[y : y + 64, x : x + 64] for y in range(5) for x in range(5)]
+        assert any(np.array_equal(out, w) for w in windows)
+
+
+def test_dev_synthetic_writes_a_synthetic_file(fixture_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dev.h5"
+    args = ["--real", str(fixture_file), "--out", str(out), "--source", "30", "--count", "50"]
+    assert dev_synthetic.main(args) == 0
+    with storage.open_frame_file(out) as f:
+        assert f.kind == "synthetic" and f.count() == 50
+        assert f.attrs["description"].endswith("not GAN output") and f.attrs["source"] == 30
+    assert dev_synthetic.main(args) == 2  # exists, no --overwrite
