@@ -416,6 +416,7 @@ def discriminator_step(
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(d_loss).backward()
     scaler.step(opt_d)
+    scaler.update()  # per optimizer step: critic steps may repeat this one
     with torch.no_grad():
         to_stat = torch.sigmoid if config.loss == "bce" else torch.clone
         return torch.stack(
@@ -471,6 +472,7 @@ def generator_step(
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(g_loss).backward()
         scaler.step(opt_g)
+        scaler.update()
     finally:
         discriminator.requires_grad_(True)
     return g_loss
@@ -728,7 +730,6 @@ def _train(
                 generator, d_plain, opt_g, scaler, x, fake, c, amp_dtype,
                 history["g"] if history else None,
             )  # fmt: skip
-            scaler.update()
             if history is not None:
                 with torch.no_grad():  # the mean of the step + 2 parameter sets seen so far
                     torch._foreach_lerp_(history["g"], g_params, 1.0 / (step + 2))

@@ -123,6 +123,20 @@ def test_wgan_gp_run(fixture_file: Path, tmp_path: Path) -> None:
     assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in rows)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_with_every_option(fixture_file: Path, tmp_path: Path, amp: str) -> None:
+    # CPU autocast runs the same code path as CUDA's; fp16 adds the grad scaler, which must
+    # cope with several critic steps per generator step.
+    config = tiny(fixture_file, tmp_path / "run", amp=amp, loss="wgan-gp", critic_steps=2,
+                  fm=True, adv_weight=0.1, minibatch_kernels=3, historical_weight=0.1,
+                  steps=3)  # fmt: skip
+    run = train(config)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(list(r.values())).all() for r in rows)
+    scaler = load(latest_checkpoint(run))["scaler"]
+    assert ("scale" in scaler) == (amp == "fp16")
+
+
 # ------------------------------------------------------------------------------------- data
 def test_epoch_order_is_a_seeded_permutation_in_blocks() -> None:
     plain = epoch_order(10, epoch=0, seed=1, block=None)
