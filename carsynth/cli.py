@@ -224,11 +224,139 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- validate
+def _validation_arguments(p: argparse.ArgumentParser, shared: tuple[str, ...] = ()) -> None:
+    """One flag per ValidationConfig field, except those the command already has (``shared``)."""
+    import dataclasses
+
+    from carsynth.validate import ValidationConfig
+
+    for f in dataclasses.fields(ValidationConfig):
+        if f.name in shared:
+            continue
+        kind = type(f.default) if f.default is not None else str
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+            help=f"{f.metadata['help']} (default {f.default})",
+        )  # fmt: skip
+
+
+def _validation_config(args: argparse.Namespace):
+    import dataclasses
+
+    from carsynth.validate import ValidationConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ValidationConfig)}
+    if values["device"] == "auto":
+        values["device"] = None  # ValidationConfig's own "auto"
+    return ValidationConfig(**values)
+
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--real", required=True, help="real frame file (its holdout split is used)")
+    p.add_argument("--fake", required=True, help="frame file of generated frames")
+    p.add_argument("--report", metavar="DIR", help="write report.json and figures to DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _validation_arguments(p)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from carsynth.validate import validate_files
+
+    result = validate_files(
+        args.real, args.fake, report_dir=args.report, config=_validation_config(args),
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    if args.report:
+        print(f"wrote {args.report}")
+    return 0 if result.passed else 1
+
+
+# ----------------------------------------------------------------------------------------- export
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    from carsynth.export import ExportConfig
+
+    d = ExportConfig(run="", out="")
+    p.add_argument("--run", required=True, help="training run directory (carsynth train --out)")
+    p.add_argument("--out", required=True, help="synthetic frame file to write (.h5)")
+    p.add_argument("--num", type=int, default=d.num, help="frames to generate")
+    p.add_argument("--seed", type=int, default=d.seed, help="frame i's latent depends on (SEED, i)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="generator batch")
+    p.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
+    p.add_argument("--report", metavar="DIR", help="also write the validation report to DIR")
+    p.add_argument("--force", action="store_true", help="write even if validation fails")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file/report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _validation_arguments(p, shared=("seed", "device"))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from carsynth.export import ExportConfig, ExportRefused, export
+
+    config = ExportConfig(
+        run=args.run, out=args.out, num=args.num, seed=args.seed, batch_size=args.batch_size,
+        device=args.device, report=args.report, force=args.force, overwrite=args.overwrite,
+        progress=not args.no_progress, validation=_validation_config(args),
+    )  # fmt: skip
+    try:
+        result = export(config)
+    except ExportRefused as refused:
+        print(refused.result.summary())
+        print(f"carsynth: {refused}; nothing written (--force writes anyway)", file=sys.stderr)
+        return 1
+    print(result.validation.summary())
+    verdict = "passed" if result.validation.passed else "FAILED (written because of --force)"
+    print(f"wrote {result.path} ({args.num} frames, validation {verdict})")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- run
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    from carsynth.pipeline import PRESETS
+
+    p.add_argument("--preset", default="quick", choices=list(PRESETS), help="settings of all steps")
+    p.add_argument("--out", required=True, help="pipeline directory (re-run to resume)")
+    p.add_argument("--seed", type=int, default=0, help="seeds collection, training and sampling")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--force", action="store_true", help="export even if validation fails")
+    p.add_argument("--print-config", action="store_true", help="print every step's settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from carsynth.pipeline import PipelineConfig, describe, run
+
+    config = PipelineConfig(
+        out=args.out, preset=args.preset, seed=args.seed, device=args.device, force=args.force,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    if args.print_config:
+        print(json.dumps(describe(config), indent=2, default=str))
+        return 0
+    result = run(config)
+    return 0 if result.passed else 1
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "collect": ("record CarRacing rollouts to a frame file", _collect_arguments, _collect),
     "merge": ("join shard files into one", _merge_arguments, _merge),
     "info": ("check a frame file and print its contents", _info_arguments, _info),
     "train": ("train the DCGAN-64 on a frame file", _train_arguments, _train),
+    "validate": (
+        "check generated frames for coverage, collapse and copying",
+        _validate_arguments,
+        _validate,
+    ),
+    "export": (
+        "sample a run's generator, validate, write the synthetic file",
+        _export_arguments,
+        _export,
+    ),
+    "run": ("collect, train --fm, validate and export in one command", _run_arguments, _run),
 }
 
 

@@ -43,7 +43,7 @@ KINDS = ("real", "synthetic")
 # Chosen with scripts/bench_storage.py (numbers in README.md, "HDF5 schema"): training reads
 # frames in random order, so a chunk should hold few frames (8 frames of 64x64x3 = 96 KiB: a
 # random read decompresses 8 frames, not 32) and gzip level 4 wins back the size that small
-# chunks lose (measured: 8 / gzip 4 gave a smaller file and 5x the random reads/s of 32 / gzip 1).
+# chunks lose (measured: 8 / gzip 4 gave a smaller file and 2.6x the random reads/s of 32 / gzip 1).
 FRAME_CHUNK = 8
 COMPRESSION = "gzip"
 COMPRESSION_OPTS = 4
@@ -267,15 +267,19 @@ def _rewrite_interrupted(path: Path) -> None:
             tmp.unlink()
 
 
-def _open_h5(path: Path) -> h5py.File:
-    """Open read-only; a file whose writer was killed mid-append is opened in SWMR read mode."""
+def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
+    """Open read-only; a file whose writer was killed mid-append is opened in SWMR read mode.
+
+    ``cache_bytes`` sizes the per-dataset chunk cache (``None``: HDF5's default, 1 MiB before
+    HDF5 2.0 and 8 MiB since).
+    """
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", rdcc_nbytes=cache_bytes)
     except OSError as error:
         if "already open for write" not in str(error) and "unable to lock" not in str(error):
             raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
     try:
-        return h5py.File(path, "r", swmr=True)
+        return h5py.File(path, "r", swmr=True, rdcc_nbytes=cache_bytes)
     except OSError as error:
         raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
 
@@ -285,13 +289,14 @@ class FrameFile:
 
     Use as a context manager. ``frames`` is the h5py dataset (read slices of it); ``episodes`` the
     episode table as a NumPy structured array (real files) or ``None`` (synthetic files).
+    ``cache_bytes`` sizes the chunk cache, for readers of single frames (see carsynth.data).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, cache_bytes: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise UsageError(f"{self.path}: no such file")
-        self.h5 = _open_h5(self.path)
+        self.h5 = _open_h5(self.path, cache_bytes)
         try:
             self._check()
         except Exception:
@@ -401,9 +406,9 @@ class FrameFile:
         self.close()
 
 
-def open_frame_file(path: str | os.PathLike) -> FrameFile:
+def open_frame_file(path: str | os.PathLike, cache_bytes: int | None = None) -> FrameFile:
     """Open and check a carsynth frame file; bad files raise :class:`UsageError` naming the path."""
-    return FrameFile(path)
+    return FrameFile(path, cache_bytes)
 
 
 def repair(path: str | os.PathLike) -> int:

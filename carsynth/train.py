@@ -125,11 +125,25 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_generator(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
-    """The EMA generator of the run's latest checkpoint, in eval mode on ``device``."""
+def training_finished(run_dir: str | os.PathLike) -> bool:
+    """Whether the run in ``run_dir`` wrote its final checkpoint (its full step budget)."""
+    try:
+        steps = read_run_config(run_dir)["steps"]
+    except UsageError:
+        return False
+    return (Path(run_dir) / "checkpoints" / f"ckpt_{steps:07d}.pt").is_file()
+
+
+def load_generator(
+    run_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    checkpoint: str | os.PathLike | None = None,
+) -> Generator:
+    """The EMA generator of a checkpoint (default: the run's latest), in eval mode on ``device``."""
     config = read_run_config(run_dir)["config"]
     generator = Generator(config["nz"], config["ngf"])
-    state = torch.load(latest_checkpoint(run_dir), map_location="cpu", weights_only=True)
+    checkpoint = checkpoint or latest_checkpoint(run_dir)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     generator.load_state_dict(state["ema"])
     return generator.to(device).eval()
 

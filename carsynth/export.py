@@ -1,0 +1,185 @@
+"""``carsynth export``: sample a run's generator, validate the samples, write the synthetic file.
+
+The synthetic file has the same ``frames`` layout as a real file (schema v1, ``kind`` =
+"synthetic") and carries its provenance in attributes: the SHA-256 of the generator checkpoint,
+the run's config, the sampling seed and the latent layout, and the validation report. Frame ``i``
+was generated from ``carsynth.sampling.latents(seed, i, 1, nz)``, so any frame can be regenerated
+alone from the file's attributes and the checkpoint (see :func:`regenerate`).
+
+The file is written only when the samples pass ``carsynth validate``'s checks against the run's
+own training and held-out frames; ``force`` writes it anyway and records that they failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from carsynth import sampling, storage
+from carsynth.errors import UsageError
+from carsynth.train import (
+    latest_checkpoint,
+    load_generator,
+    read_run_config,
+    resolve_device,
+    run_frames,
+)
+from carsynth.validate import (
+    ValidationConfig,
+    ValidationResult,
+    check_report_dir,
+    validate_frames,
+    write_report,
+)
+
+# Frames are appended to the temporary file in blocks of this many (bounds the write buffer).
+WRITE_BLOCK = 4096
+
+
+@dataclass
+class ExportConfig:
+    """Settings of ``carsynth export``; each field is the flag of the same name."""
+
+    run: str  # the training run directory (``carsynth train --out``)
+    out: str  # the synthetic frame file to write
+    num: int = 50_000  # frames to sample
+    seed: int = 0  # sampling seed: frame i's latent depends only on (seed, i)
+    batch_size: int = 256  # generator batch while sampling
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
+    report: str | None = None  # also write the validation report (JSON, figures) to this dir
+    force: bool = False  # write the file even when validation fails, recording the failure
+    overwrite: bool = False  # replace an existing output file
+    progress: bool = True  # tqdm bars while sampling and validating
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class ExportResult:
+    """What an export did: the file written (``None`` when refused) and the validation result."""
+
+    path: Path | None
+    validation: ValidationResult
+
+
+class ExportRefused(Exception):
+    """The samples failed validation and ``force`` was not set: nothing was written."""
+
+    def __init__(self, result: ValidationResult):
+        self.result = result
+        super().__init__("generated frames failed validation: " + "; ".join(result.failures))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check(config: ExportConfig) -> Path:
+    if config.num < 1:
+        raise UsageError(f"--num must be at least 1, got {config.num}")
+    if config.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if not (Path(config.run) / "config.json").is_file():
+        raise UsageError(f"--run {config.run}: not a carsynth training run (no config.json)")
+    if config.report:
+        check_report_dir(config.report, config.overwrite)
+    return storage.check_writable(config.out, config.overwrite)
+
+
+def _write(path: Path, frames: np.ndarray, attrs: dict[str, Any], overwrite: bool) -> None:
+    """Build the whole file under a temporary name, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.export.tmp")
+    try:
+        storage.create_frame_file(
+            tmp,
+            kind="synthetic",
+            frame_size=frames.shape[1:3],
+            action_dim=None,
+            attrs=attrs,
+            overwrite=True,
+        )
+        for start in range(0, len(frames), WRITE_BLOCK):
+            storage.append_frames(tmp, frames[start : start + WRITE_BLOCK])
+        storage.check_writable(path, overwrite)  # nothing appeared at ``path`` meanwhile
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export(config: ExportConfig) -> ExportResult:
+    """Sample ``config.num`` frames from the run's EMA generator, validate, and write the file.
+
+    Raises :class:`ExportRefused` (nothing written) when validation fails without ``force``.
+    """
+    out = _check(config)
+    device = resolve_device(config.device)
+    checkpoint = latest_checkpoint(config.run)
+    run_config = read_run_config(config.run)
+    generator = load_generator(config.run, device=device)
+    frames = sampling.generate_frames(
+        generator,
+        config.seed,
+        0,
+        config.num,
+        batch_size=config.batch_size,
+        device=device,
+        progress=config.progress,
+    )
+    train = run_frames(config.run, "train")
+    holdout = run_frames(config.run, "holdout")
+    result = validate_frames(train, holdout, frames, config.validation, progress=config.progress)
+    if config.report:
+        write_report(result, config.report, overwrite=config.overwrite)
+    if not result.passed and not config.force:
+        raise ExportRefused(result)
+    attrs = {
+        "source_run": str(Path(config.run).resolve()),
+        "checkpoint": checkpoint.name,
+        "generator_sha256": sha256_file(checkpoint),
+        "run_config": json.dumps(run_config),
+        "seed": config.seed,
+        "nz": int(run_config["config"]["nz"]),
+        "latent_block": sampling.LATENT_BLOCK,
+        "latents": "frame i: carsynth.sampling.latents(seed, i, 1, nz)",
+        "validation_passed": bool(result.passed),
+        "forced": bool(config.force and not result.passed),
+        "validation": json.dumps(result.to_dict()),
+        "export_config": json.dumps(
+            {k: v for k, v in asdict(config).items() if k not in ("progress", "overwrite")}
+        ),
+    }
+    with tqdm(total=1, desc="writing", disable=not config.progress) as bar:
+        _write(out, frames, attrs, config.overwrite)
+        bar.update()
+    return ExportResult(out, result)
+
+
+def regenerate(path: str | os.PathLike, index: int, device: str = "cpu") -> np.ndarray:
+    """Regenerate frame ``index`` of a synthetic file from its recorded run, checkpoint and seed.
+
+    Raises :class:`UsageError` when the file was not written by ``carsynth export`` or the
+    checkpoint it names has changed since (its SHA-256 differs).
+    """
+    with storage.open_frame_file(path) as f:
+        attrs = dict(f.attrs)
+        count = f.num_frames
+    if "generator_sha256" not in attrs:
+        raise UsageError(f"{path}: not written by carsynth export (no generator_sha256)")
+    if not 0 <= index < count:
+        raise UsageError(f"{path}: frame {index} out of range (the file has {count})")
+    run = attrs["source_run"]
+    checkpoint = Path(run) / "checkpoints" / attrs["checkpoint"]
+    if not checkpoint.is_file() or sha256_file(checkpoint) != attrs["generator_sha256"]:
+        raise UsageError(f"{checkpoint}: missing or changed since {path} was exported")
+    generator = load_generator(run, device=resolve_device(device), checkpoint=checkpoint)
+    return sampling.generate_frames(generator, int(attrs["seed"]), index, 1, device=device)[0]

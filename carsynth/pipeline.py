@@ -1,0 +1,183 @@
+"""``carsynth run``: collect, train --fm, validate and export in one command.
+
+A run directory holds one file or folder per step::
+
+    OUT/real.h5          carsynth collect
+    OUT/train/           carsynth train --fm (config.json, metrics, samples, checkpoints)
+    OUT/validation/      carsynth validate's report for the exported samples
+    OUT/synthetic.h5     carsynth export (only written when the samples pass)
+
+A step whose output is complete is skipped and an interrupted one is resumed, so running the same
+command again after a crash (or Ctrl-C) continues where it stopped. The presets are the settings
+of each step; ``carsynth run --preset NAME --print-config`` shows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carsynth import storage
+from carsynth.collect.workers import CollectConfig, collect
+from carsynth.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The settings of every step of a pipeline run (the fields of each step's config)."""
+
+    description: str
+    collect: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    export: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # Unit-test size: seconds on a laptop CPU. Checks the plumbing, not the pictures.
+    "test": Preset(
+        description="plumbing check: 4 tiny episodes, a tiny GAN, 200 frames (seconds)",
+        collect=dict(episodes=4, max_steps=120, workers=1, holdout=0.25),
+        train=dict(steps=4, batch_size=16, nz=8, ngf=8, ndf=8, fm=True),
+        export=dict(num=200, batch_size=100),
+        validation=dict(k=5),
+    ),
+    # 2-core CPU, at most 15 minutes end to end.
+    "quick": Preset(
+        description="CPU-sized: 48 episodes (~14k frames), DCGAN ngf=ndf=32, 10k frames",
+        collect=dict(episodes=48, max_steps=350, workers=0),
+        train=dict(steps=2500, batch_size=64, ngf=32, ndf=32, fm=True),
+        export=dict(num=10_000),
+    ),
+    # GPU-sized, World Models scale: 10k rollouts of up to 1000 steps, full-size DCGAN.
+    "full": Preset(
+        description="GPU-sized: 10,000 episodes (~9M frames, World Models scale), full DCGAN",
+        collect=dict(episodes=10_000, max_steps=1000, workers=0),
+        train=dict(epochs=5, batch_size=256, ngf=64, ndf=64, fm=True),
+        export=dict(num=500_000, batch_size=1024),
+    ),
+}
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of ``carsynth run``."""
+
+    out: str  # the pipeline directory
+    preset: str = "quick"  # a key of PRESETS
+    seed: int = 0  # seeds every step (collection seeds, training, sampling)
+    device: str = "auto"  # training and sampling device
+    force: bool = False  # export even when validation fails (recorded in the file)
+    progress: bool = True
+
+
+@dataclass
+class PipelineResult:
+    real: Path
+    run: Path
+    synthetic: Path | None
+    passed: bool
+    skipped: list[str]
+
+
+def _configs(config: PipelineConfig):
+    """The config of each step, built from the preset; imports kept here so collect stays light."""
+    from carsynth.export import ExportConfig
+    from carsynth.train import TrainConfig
+    from carsynth.validate import ValidationConfig
+
+    if config.preset not in PRESETS:
+        raise UsageError(f"--preset {config.preset}: expected one of {', '.join(PRESETS)}")
+    preset = PRESETS[config.preset]
+    out = Path(config.out)
+    collect_config = CollectConfig(
+        out=str(out / "real.h5"), seed=config.seed, progress=config.progress, **preset.collect
+    )
+    train_config = TrainConfig(
+        data=str(out / "real.h5"),
+        out=str(out / "train"),
+        seed=config.seed,
+        device=config.device,
+        progress=config.progress,
+        **preset.train,
+    )
+    export_config = ExportConfig(
+        run=str(out / "train"),
+        out=str(out / "synthetic.h5"),
+        seed=config.seed,
+        device=config.device,
+        report=str(out / "validation"),
+        force=config.force,
+        overwrite=True,  # only the report directory: the synthetic file is skipped when present
+        progress=config.progress,
+        validation=ValidationConfig(seed=config.seed, **preset.validation),
+        **preset.export,
+    )
+    return collect_config, train_config, export_config
+
+
+def describe(config: PipelineConfig) -> dict:
+    """Every step's settings as a JSON-able dict (``carsynth run --print-config``)."""
+    return {
+        name: dataclasses.asdict(step)
+        for name, step in zip(("collect", "train", "export"), _configs(config), strict=True)
+    }
+
+
+def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineResult:
+    """Run the pipeline, skipping each step whose output is complete and resuming the others."""
+    from carsynth.export import ExportRefused, export
+    from carsynth.train import train, training_finished
+
+    collect_config, train_config, export_config = _configs(config)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(describe(config), indent=2, default=str))
+    skipped = []
+
+    real = Path(collect_config.out)
+    if _collection_finished(real, collect_config.episodes):
+        skipped.append("collect")
+        log(f"[1/3] collect: {real} is complete, skipped")
+    else:
+        log(f"[1/3] collect -> {real}")
+        collect_config.resume = real.exists()
+        collect(collect_config)
+
+    run_dir = Path(train_config.out)
+    if training_finished(run_dir):
+        skipped.append("train")
+        log(f"[2/3] train: {run_dir} is finished, skipped")
+    else:
+        log(f"[2/3] train --fm -> {run_dir}")
+        train_config.resume = run_dir.exists()
+        train(train_config)
+
+    synthetic = Path(export_config.out)
+    if synthetic.exists():
+        skipped.append("export")
+        with storage.open_frame_file(synthetic) as f:
+            passed = bool(f.attrs.get("validation_passed", False))
+        log(f"[3/3] validate + export: {synthetic} exists (validation passed: {passed}), skipped")
+        return PipelineResult(real, run_dir, synthetic, passed, skipped)
+    log(f"[3/3] validate + export -> {synthetic}")
+    try:
+        result = export(export_config)
+    except ExportRefused as refused:
+        log(refused.result.summary())
+        log(f"validation failed; report in {export_config.report}; nothing exported")
+        return PipelineResult(real, run_dir, None, False, skipped)
+    log(result.validation.summary())
+    return PipelineResult(real, run_dir, result.path, result.validation.passed, skipped)
+
+
+def _collection_finished(path: Path, episodes: int) -> bool:
+    if not path.exists():
+        return False
+    with storage.open_frame_file(path) as f:
+        return f.num_episodes >= episodes and f.trailing_frames == 0
