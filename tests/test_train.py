@@ -381,7 +381,7 @@ def test_ddp_two_cpu_processes(fixture_file: Path, tmp_path: Path, mode: list[st
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", "29517", "-m", "carsynth", "train", "--data", str(fixture_file),
+         "--standalone", "-m", "carsynth", "train", "--data", str(fixture_file),
          "--out", str(out), "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch-size", "8",
          "--steps", "3", "--log-interval", "1", "--device", "cpu", "--no-progress", *mode],
         capture_output=True, text=True, timeout=180, cwd=ROOT, env=ENV,
