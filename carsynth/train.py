@@ -5,7 +5,7 @@ One function, :func:`train`, reads a :class:`TrainConfig` and leaves a run direc
 ``config.json``                  every setting, the data file's fingerprint, versions, holdout seeds
 ``metrics.jsonl``                one JSON object per logging step (losses, D outputs, images/s, ...)
 ``samples/step_XXXXXXX.png``     the EMA generator on a fixed noise batch (``latents(seed, 0, 64)``)
-``loss.png``                     the loss curves
+``loss.png``                     the loss curves (and the collapse monitor's statistics)
 ``checkpoints/ckpt_XXXXXXX.pt``  networks, EMA generator, optimizers, grad scaler, RNG states, step
 
 The loop keeps losses on the device and reads them back only at logging intervals (one host sync
@@ -113,8 +113,13 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
 
 
-# Settings that may change when a run is resumed; every other one must match config.json.
-RESUMABLE = {"steps", "epochs", "resume", "overwrite", "progress", "device", "max_memory_frames"}
+# Settings that may change when a run is resumed (the budget, and bookkeeping that does not touch
+# the weights); every other one must match config.json.
+RESUMABLE = {
+    "steps", "epochs", "resume", "overwrite", "progress", "device", "max_memory_frames",
+    "log_interval", "sample_interval", "checkpoint_interval", "keep_checkpoints",
+    "monitor_interval", "monitor_samples", "monitor_k", "stop_on_collapse",
+}  # fmt: skip
 DEFAULT_STEPS = 5000
 
 
@@ -358,7 +363,11 @@ def _prepare_out(c: TrainConfig) -> Path | None:
     if c.resume:
         saved = read_run_config(out)["config"]
         mine = dataclasses.asdict(c)
-        diff = sorted(k for k in mine if k not in RESUMABLE and saved.get(k) != mine[k])
+        # A setting missing from an older config.json had its default value then.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        diff = sorted(
+            k for k in mine if k not in RESUMABLE and saved.get(k, defaults[k]) != mine[k]
+        )
         if diff:
             raise UsageError(f"{out}: --resume with settings that differ from the run: {diff}")
         found = sorted((out / "checkpoints").glob("ckpt_*.pt"))
