@@ -47,7 +47,7 @@ PRESETS: dict[str, Preset] = {
     ),
     # 2-core CPU, at most 15 minutes end to end.
     "quick": Preset(
-        description="CPU-sized: 48 episodes (~14k frames), DCGAN ngf=ndf=32, 1500 steps, 10k frames",
+        description="CPU-sized: 48 episodes (~14k frames), ngf=ndf=32, 1500 steps, 10k frames",
         collect=dict(episodes=48, max_steps=350, workers=0),
         train=dict(steps=1500, batch_size=64, ngf=32, ndf=32, fm=True),
         export=dict(num=10_000),

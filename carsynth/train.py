@@ -383,16 +383,6 @@ def _prepare_out(c: TrainConfig) -> Path | None:
     return None
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def plot_losses(metrics_path: Path, out: Path) -> None:
     """Draw the losses of ``metrics.jsonl`` (absolute values, log scale: WGAN losses go negative)
     into a PNG, with the collapse monitor's statistics in a second panel when it ran."""
@@ -417,7 +407,7 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
-    _atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    storage.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -631,7 +621,7 @@ def _train(
                 "python": platform.python_version(),
             },
         }
-        _atomic_write(
+        storage.atomic_write(
             out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n")
         )
         for stale in ckpt_dir.glob(".*.tmp"):
@@ -764,7 +754,7 @@ def _train(
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
-        _atomic_write(ckpt_dir / f"ckpt_{step:07d}.pt", lambda tmp: torch.save(state, tmp))
+        storage.atomic_write(ckpt_dir / f"ckpt_{step:07d}.pt", lambda tmp: torch.save(state, tmp))
         for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[: -c.keep_checkpoints]:
             old.unlink()
 
@@ -856,7 +846,7 @@ def _train(
                 with torch.no_grad():
                     grid = ema(fixed_z).float()
                 path = sample_dir / f"step_{done:07d}.png"
-                _atomic_write(
+                storage.atomic_write(
                     path,
                     lambda tmp, grid=grid: save_image(
                         grid, tmp, format="png", nrow=8, normalize=True, value_range=(-1, 1)

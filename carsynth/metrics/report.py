@@ -7,13 +7,12 @@ holds half a file. Figures use matplotlib's object API (no pyplot global state, 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carsynth import storage
 from carsynth.metrics.ndb import NDBResult
 from carsynth.metrics.neighbours import CollapseResult, CopyResult
 
@@ -21,19 +20,9 @@ if TYPE_CHECKING:
     from carsynth.validate import ValidationResult
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_json(data: dict[str, Any], path: Path) -> None:
     """``data`` as indented JSON, atomically."""
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    storage.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _verdict(ok: bool) -> str:
@@ -76,7 +65,7 @@ def summary_table(result: ValidationResult) -> str:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def plot_bins(ndb: NDBResult, baseline: NDBResult, path: Path) -> None:
@@ -132,4 +121,6 @@ def save_pairs(fake: np.ndarray, train: np.ndarray, path: Path, columns: int = 4
 
     pairs = np.stack([fake, train], axis=1).reshape(-1, *fake.shape[1:])
     images = torch.from_numpy(pairs).permute(0, 3, 1, 2).float() / 255.0
-    _atomic(path, lambda tmp: save_image(images, tmp, nrow=2 * columns, padding=2, format="png"))
+    storage.atomic_write(
+        path, lambda tmp: save_image(images, tmp, nrow=2 * columns, padding=2, format="png")
+    )
