@@ -26,6 +26,7 @@ gymnasium and pygame, and the collector falls back to the stock env if it ever f
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -82,6 +83,15 @@ def rotate(points: np.ndarray, angle: float) -> np.ndarray:
     return np.stack((cos * x - sin * y, sin * x + cos * y), axis=-1)
 
 
+@functools.cache
+def score_font() -> pygame.font.Font:
+    """The stock env's score font, built once instead of every frame (pygame.quit() drops it)."""
+    return pygame.font.Font(pygame.font.get_default_font(), 42)
+
+
+pygame.register_quit(score_font.cache_clear)
+
+
 class CarRacingFast(CarRacing):
     """Gymnasium's ``CarRacing`` with the same frames, drawn about 3x faster.
 
@@ -91,17 +101,13 @@ class CarRacingFast(CarRacing):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._clear_render_cache()
-
-    def _clear_render_cache(self) -> None:
-        # Everything here is derived from the current track or from pygame's state: it is rebuilt
-        # when the track list changes (every reset makes a new one) or pygame is shut down.
+        # Derived from the current track: rebuilt whenever `road_poly` is another list (every
+        # reset makes a new one), so nothing of an old track survives a reset.
         self._polygons: np.ndarray | None = None  # (1 + grass + road, 4, 2) world coordinates
         self._polygons_source: list | None = None  # the road_poly list they were built from
         self._road_colors: list = []  # the tiles' colour arrays themselves, read at draw time
-        self._font: pygame.font.Font | None = None
-        self._score: tuple[str, pygame.Surface] | None = None
-        self._canvas: pygame.Surface | None = None
+        self._score: tuple[str, pygame.Surface] | None = None  # last score text and its image
+        self._canvas: pygame.Surface | None = None  # drawing surface, cleared every frame
 
     def _track_polygons(self) -> np.ndarray:
         """Background, grass and road polygons of the current track as one array, in draw order."""
@@ -198,16 +204,10 @@ class CarRacingFast(CarRacing):
 
     def _score_text(self, text: str) -> pygame.Surface:
         """The score as the stock env renders it, re-rendered only when the text changes."""
-        if self._font is None:
-            self._font = pygame.font.Font(pygame.font.get_default_font(), 42)
         if self._score is None or self._score[0] != text:
-            self._score = (text, self._font.render(text, True, (255, 255, 255), (0, 0, 0)))
+            image = score_font().render(text, True, (255, 255, 255), (0, 0, 0))
+            self._score = (text, image)
         return self._score[1]
-
-    def close(self) -> None:
-        super().close()
-        # close() may shut pygame down (human mode); fonts and surfaces die with it.
-        self._clear_render_cache()
 
 
 def matches_stock(seed: int = 7, steps: int = 80) -> bool:
