@@ -210,12 +210,12 @@ class CarRacingFast(CarRacing):
         return self._score[1]
 
 
-def matches_stock(seed: int = 7, steps: int = 80) -> bool:
+def matches_stock(seed: int = 7, steps: int = 60) -> bool:
     """Whether :class:`CarRacingFast` reproduces the stock env's observations here.
 
     Drives both envs with the same actions for ``steps`` steps from ``reset(seed=seed)``: the
     zoom-in of the first 50 steps, then the car on the road (tiles recolour) while turning (the
-    rotation takes general angles). Cheap (about a second); the collector calls it once per run,
+    rotation takes general angles). Cheap (under a second); the collector calls it once per run,
     because the fast env overrides private methods of gymnasium that a new version may change.
     """
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")

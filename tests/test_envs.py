@@ -118,14 +118,14 @@ def test_env_id_makes_the_fast_env_after_import_carsynth():
 
 
 def test_check_detects_a_renderer_that_draws_differently(monkeypatch):
-    assert matches_stock(steps=60)
+    assert matches_stock()
     original = CarRacingFast._render_road
 
     def off_by_one_pixel(self, zoom, translation, angle):
         original(self, zoom, (translation[0] + 1.0, translation[1]), angle)
 
     monkeypatch.setattr(CarRacingFast, "_render_road", off_by_one_pixel)
-    assert not matches_stock(steps=60)
+    assert not matches_stock(steps=5)
 
 
 TINY = dict(episodes=1, workers=1, max_steps=60, skip_frames=50, progress=False)
