@@ -64,6 +64,42 @@ _B = stock.PLAYFIELD
 FIELD = np.array([[(_B, _B), (_B, -_B), (-_B, -_B), (-_B, _B)]], dtype=np.float64)
 
 
+# Two exact shortcuts need to know which pixels gfxdraw can touch. Its rasteriser moves an edge
+# by at most a pixel (float coordinates become ints) and its anti-aliased outline touches only
+# pixels next to an edge, so PIXEL_MARGIN pixels of slack make "covers" and "misses" the window
+# certain. Beyond SAFE_COORDINATE pixels, gfxdraw's 16.16 fixed-point edge intersections could
+# overflow; polygons that reach that far are drawn as the stock env draws them, whatever it gives.
+PIXEL_MARGIN = 3.0
+SAFE_COORDINATE = 10_000.0
+
+
+def covers_window(polygon: np.ndarray) -> bool:
+    """Whether a convex polygon (4, 2) in window pixels covers the whole window, with margin.
+
+    The grown window is inside a convex polygon exactly when its four corners are on the inner
+    side of every edge (cross products of one sign). Such a polygon, filled and outlined, draws
+    the same pixels as a fill of the window with its colour.
+    """
+    if np.abs(polygon).max() > SAFE_COORDINATE:
+        return False
+    low, right = -PIXEL_MARGIN, stock.WINDOW_W - 1 + PIXEL_MARGIN
+    bottom = stock.WINDOW_H - 1 + PIXEL_MARGIN
+    corners = np.array([(low, low), (right, low), (right, bottom), (low, bottom)])
+    edges = np.roll(polygon, -1, axis=0) - polygon
+    offsets = corners[:, None, :] - polygon[None, :, :]
+    cross = edges[None, :, 0] * offsets[..., 1] - edges[None, :, 1] * offsets[..., 0]
+    return bool((cross > 0).all() or (cross < 0).all())
+
+
+def misses_window(polygons: np.ndarray) -> np.ndarray:
+    """Which polygons (N, 4, 2) in window pixels certainly draw no pixel: bounding box outside."""
+    low, high = polygons.min(axis=1), polygons.max(axis=1)
+    size = np.array([stock.WINDOW_W, stock.WINDOW_H])
+    outside = ((high < -PIXEL_MARGIN) | (low > size - 1 + PIXEL_MARGIN)).any(axis=1)
+    safe = np.abs(polygons).max(axis=(1, 2)) <= SAFE_COORDINATE
+    return outside & safe
+
+
 def rotate(points: np.ndarray, angle: float) -> np.ndarray:
     """Rotate points (..., 2) by ``angle`` radians exactly as ``Vector2(p).rotate_rad(angle)``.
 
@@ -124,7 +160,8 @@ class CarRacingFast(CarRacing):
         screen[..., 0] = screen[..., 0] * zoom + translation[0]
         screen[..., 1] = screen[..., 1] * zoom + translation[1]
         # Stock culling: a polygon is drawn if any vertex lies in the window grown by the
-        # largest shape's diagonal. The background (index 0) is never culled.
+        # largest shape's diagonal (382 pixels), so about two thirds of the drawn polygons lie
+        # outside the window and change no pixel; those are skipped too.
         margin = stock.MAX_SHAPE_DIM
         inside = (
             (-margin <= screen[..., 0])
@@ -132,8 +169,12 @@ class CarRacingFast(CarRacing):
             & (-margin <= screen[..., 1])
             & (screen[..., 1] <= stock.WINDOW_H + margin)
         )
-        visible = inside.any(axis=1)
-        visible[0] = True
+        visible = inside.any(axis=1) & ~misses_window(screen)
+        # The background (index 0) is never culled by the stock env. The canvas is cleared here:
+        # once the zoom-in is over the background covers the window, and one fill with its
+        # colour replaces clearing plus filling a polygon 10,000 rows high.
+        visible[0] = not covers_window(screen[0])
+        self.surf.fill((0, 0, 0) if visible[0] else self.bg_color)
         indices = np.flatnonzero(visible)
         grass_end = 1 + len(GRASS)
         for index, poly in zip(indices.tolist(), screen[indices].tolist(), strict=True):
@@ -162,8 +203,7 @@ class CarRacingFast(CarRacing):
 
         if self._canvas is None:
             self._canvas = pygame.Surface((stock.WINDOW_W, stock.WINDOW_H))
-        self._canvas.fill((0, 0, 0))
-        self.surf = self._canvas
+        self.surf = self._canvas  # cleared by _render_road
 
         assert self.car is not None
         angle = -self.car.hull.angle

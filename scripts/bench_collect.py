@@ -165,7 +165,7 @@ def main() -> None:
           f"after {load_after[0]:.2f}; {versions}")  # fmt: skip
     print(f"collection runs: {args.episodes} episodes x {args.max_steps} steps, every frame kept")
     print(f"| {'row':<44} | {'rate':>16} | {'ratio':>20} |")
-    print(f"| {'-' * 44} | {'-' * 16}:| {'-' * 20}:|")
+    print(f"| {'-' * 44} | {'-' * 15}: | {'-' * 19}: |")
     for name, unit, value, ratio, versus in rows:
         ratio_text = f"{ratio:.2f}x {versus}" if versus else "1.00x"
         print(f"| {name:<44} | {value:>7.0f} {unit:<8} | {ratio_text:>20} |")

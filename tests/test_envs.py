@@ -12,11 +12,19 @@ import numpy as np
 import pygame
 import pytest
 from conftest import ROOT
+from pygame import gfxdraw
 
 import carsynth  # noqa: F401 - registers carsynth/CarRacingFast-v3
 from carsynth.collect import CollectConfig, collect, make_policy
 from carsynth.collect import workers as collect_workers
-from carsynth.envs import ENV_ID, CarRacingFast, matches_stock, rotate
+from carsynth.envs import (
+    ENV_ID,
+    CarRacingFast,
+    covers_window,
+    matches_stock,
+    misses_window,
+    rotate,
+)
 
 
 def make_pair(**kwargs) -> tuple[gym.Env, gym.Env]:
@@ -101,6 +109,34 @@ def test_rotate_is_pygames_rotate_rad_bit_for_bit(angle):
     points = np.random.default_rng(0).normal(0, 300, size=(50, 2))
     expected = [tuple(pygame.math.Vector2(tuple(p)).rotate_rad(angle)) for p in points]
     assert rotate(points, angle).tolist() == [list(p) for p in expected]
+
+
+def test_window_shortcuts_agree_with_what_gfxdraw_draws():
+    # Squares of random size, angle and place around the window, drawn the stock way (outline,
+    # then fill) on a grey window: "covers" must mean every pixel has the colour, "misses" that
+    # none changed. Sizes and places are chosen so that both cases occur, near the margins too.
+    rng = np.random.default_rng(1)
+    width, height = 1000, 800
+    surface = pygame.Surface((width, height))
+    corners = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=np.float64)
+    counts = {"covers": 0, "misses": 0}
+    for _ in range(300):
+        if rng.random() < 0.5:  # large, about the window's centre: covers it, or nearly
+            half, centre = rng.uniform(600, 760), rng.uniform((380.0, 280.0), (620.0, 520.0))
+        else:  # small, anywhere around the window: inside, across an edge or just outside
+            half, centre = rng.uniform(5, 60), rng.uniform((-80.0, -80.0), (1080.0, 880.0))
+        polygon = rotate(corners * half, rng.uniform(0, 2 * math.pi)) + centre
+        surface.fill((50, 50, 50))
+        gfxdraw.aapolygon(surface, polygon.tolist(), (200, 10, 10))
+        gfxdraw.filled_polygon(surface, polygon.tolist(), (200, 10, 10))
+        pixels = pygame.surfarray.array3d(surface)
+        if covers_window(polygon):
+            counts["covers"] += 1
+            assert (pixels == (200, 10, 10)).all()
+        if misses_window(polygon[None])[0]:
+            counts["misses"] += 1
+            assert (pixels == 50).all()
+    assert min(counts.values()) > 10
 
 
 def test_env_id_makes_the_fast_env_after_import_carsynth():
