@@ -160,8 +160,7 @@ class CarRacingFast(CarRacing):
         screen[..., 0] = screen[..., 0] * zoom + translation[0]
         screen[..., 1] = screen[..., 1] * zoom + translation[1]
         # Stock culling: a polygon is drawn if any vertex lies in the window grown by the
-        # largest shape's diagonal (382 pixels), so about two thirds of the drawn polygons lie
-        # outside the window and change no pixel; those are skipped too.
+        # largest shape's diagonal (382 pixels); the background (index 0) is always drawn.
         margin = stock.MAX_SHAPE_DIM
         inside = (
             (-margin <= screen[..., 0])
@@ -169,13 +168,17 @@ class CarRacingFast(CarRacing):
             & (-margin <= screen[..., 1])
             & (screen[..., 1] <= stock.WINDOW_H + margin)
         )
-        visible = inside.any(axis=1) & ~misses_window(screen)
-        # The background (index 0) is never culled by the stock env. The canvas is cleared here:
-        # once the zoom-in is over the background covers the window, and one fill with its
-        # colour replaces clearing plus filling a polygon 10,000 rows high.
-        visible[0] = not covers_window(screen[0])
-        self.surf.fill((0, 0, 0) if visible[0] else self.bg_color)
-        indices = np.flatnonzero(visible)
+        inside[0] = True
+        indices = np.flatnonzero(inside.any(axis=1))
+        # About two thirds of those lie outside the window and change no pixel: skipped.
+        indices = indices[~misses_window(screen[indices])]
+        # The canvas is cleared here: once the zoom-in is over the background covers the
+        # window, and one fill with its colour replaces clearing plus filling a polygon
+        # 10,000 rows high.
+        covered = covers_window(screen[0])
+        self.surf.fill(self.bg_color if covered else (0, 0, 0))
+        if covered:
+            indices = indices[indices != 0]
         grass_end = 1 + len(GRASS)
         for index, poly in zip(indices.tolist(), screen[indices].tolist(), strict=True):
             if index == 0:
