@@ -142,8 +142,10 @@ def test_window_shortcuts_agree_with_what_gfxdraw_draws():
 def test_env_id_makes_the_fast_env_after_import_carsynth():
     code = (
         "import sys, gymnasium, carsynth\n"
-        "assert 'pygame' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert 'pygame' not in sys.modules and 'Box2D' not in sys.modules\n"
         f"env = gymnasium.make('{ENV_ID}')\n"
+        "import carsynth.collect.workers\n"
+        "assert 'torch' not in sys.modules  # what a collect worker imports\n"
         "print(type(env.unwrapped).__name__, env.spec.max_episode_steps)\n"
     )
     result = subprocess.run(
