@@ -5,8 +5,8 @@ scales and culls about 800 grass and road polygons one vertex at a time in Pytho
 (``pygame.math.Vector2.rotate_rad`` per vertex), builds a new ``pygame.font.Font`` for the score
 and a new 1000x800 surface. The Box2D physics is a few percent.
 
-:class:`CarRacingFast` keeps the physics, the track and every pygame drawing call of the stock env,
-in the same order with the same arguments, and changes only how those arguments are computed:
+:class:`CarRacingFast` keeps the physics, the track and the pygame drawing calls of the stock env,
+in the same order with the same arguments, and changes how those arguments are computed:
 
 - all polygons of the track are stacked once per track into one array and transformed and culled
   together with numpy, using the same floating-point operations as pygame's ``rotate_rad`` (the
@@ -14,8 +14,11 @@ in the same order with the same arguments, and changes only how those arguments 
   ``cos * x - sin * y``), so every vertex, and therefore every pixel, is the same;
 - road tiles are drawn with their *live* colour (the stock contact listener recolours a tile in
   place when the car first touches it);
+- calls that provably change no pixel are skipped (polygons whose bounding box lies outside the
+  window: the stock culling keeps everything within 382 pixels of it), and the background
+  polygon, when it covers the window, is replaced by a fill with its colour (the same pixels);
 - the score font is built once, the score text re-rendered only when it changes, and the drawing
-  surface reused (filled black, as a new one is).
+  surface reused.
 
 Observations, ``render()`` output in every mode, rewards and termination are bit-identical to the
 stock env for the same seed and actions; :func:`matches_stock` checks that for the installed
