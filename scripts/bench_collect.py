@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -64,9 +65,9 @@ def env_steps_per_second(env_ids: list[str], steps: int, repeats: int) -> dict[s
 def plain_loop(episodes: int, max_steps: int, out_dir: Path) -> tuple[int, float]:
     """The World Models way: one process, frames in a list, one .npz per episode.
 
-    Returns (frames, seconds).
+    Returns (frames, seconds, CPU seconds).
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     env = gym.make("CarRacing-v3", max_episode_steps=max_steps)
     frames_total = 0
     for episode in range(episodes):
@@ -83,7 +84,7 @@ def plain_loop(episodes: int, max_steps: int, out_dir: Path) -> tuple[int, float
             done = terminated or truncated
         np.savez_compressed(out_dir / f"{episode}.npz", obs=np.array(frames), action=actions)
         frames_total += len(frames)
-    return frames_total, time.perf_counter() - start
+    return frames_total, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def peak_rss_mib(pid: int) -> float | None:
@@ -106,19 +107,25 @@ def collect_command(renderer: str, episodes: int, max_steps: int, out: Path) -> 
         "--policy", "brownian", "--workers", "0", "--renderer", renderer, "--no-progress",
     ]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
+    start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL)
     peak = 0.0
     while process.poll() is None:
         peak = max(peak, peak_rss_mib(process.pid) or 0.0)
         time.sleep(0.05)
     seconds = time.perf_counter() - start
+    # CPU time of the command and its workers (reaped children count in RUSAGE_CHILDREN).
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     if process.returncode != 0:
         raise SystemExit(f"carsynth collect --renderer {renderer} failed")
     with h5py.File(out, "r") as h5:
         frames = len(h5["frames"])
         recorded = h5.attrs["renderer"]
-    return {"frames": frames, "seconds": seconds, "main_rss_mib": peak, "renderer": recorded}
+    return {
+        "frames": frames, "seconds": seconds, "cpu_seconds": cpu, "main_rss_mib": peak,
+        "renderer": recorded,
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -138,13 +145,13 @@ def main() -> None:
     )
     # Rounds interleave the three collections so that a burst of load from elsewhere hits them
     # alike; each keeps its fastest round.
-    plain_frames, plain_seconds = 0, math.inf
+    plain_frames, plain_seconds, plain_cpu = 0, math.inf, math.inf
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            frames, seconds = plain_loop(args.episodes, args.max_steps, Path(tmp))
+            frames, seconds, cpu = plain_loop(args.episodes, args.max_steps, Path(tmp))
             if seconds < plain_seconds:
-                plain_frames, plain_seconds = frames, seconds
+                plain_frames, plain_seconds, plain_cpu = frames, seconds, cpu
             for renderer in ("fast", "stock"):
                 out = Path(tmp) / f"{renderer}.h5"
                 run = collect_command(renderer, args.episodes, args.max_steps, out)
@@ -177,9 +184,15 @@ def main() -> None:
     for name, unit, value, ratio, versus in rows:
         ratio_text = f"{ratio:.2f}x {versus}" if versus else "1.00x"
         print(f"| {name:<44} | {value:>7.0f} {unit:<8} | {ratio_text:>20} |")
+    # On a shared machine wall-clock rates depend on what else runs; CPU time does much less.
+    plain_per_cpu = plain_frames / plain_cpu
+    print(f"plain loop: {plain_frames} frames in {plain_seconds:.1f} s, "
+          f"{plain_per_cpu:.0f} frames per CPU-second")  # fmt: skip
     for renderer, run in runs.items():
+        per_cpu = run["frames"] / run["cpu_seconds"]
         print(f"collect --renderer {renderer}: {run['frames']} frames in {run['seconds']:.1f} s, "
-              f"main process peak RSS {run['main_rss_mib']:.0f} MiB, "
+              f"{per_cpu:.0f} frames per CPU-second ({per_cpu / plain_per_cpu:.2f}x the plain "
+              f"loop's), main process peak RSS {run['main_rss_mib']:.0f} MiB, "
               f"file renderer={run['renderer']}")  # fmt: skip
 
     result = {
@@ -188,7 +201,12 @@ def main() -> None:
         "load_average": {"before": load_before, "after": load_after},
         "settings": vars(args),
         "env_steps_per_second": speeds,
-        "plain_loop": {"frames": plain_frames, "seconds": plain_seconds, "fps": plain_fps},
+        "plain_loop": {
+            "frames": plain_frames,
+            "seconds": plain_seconds,
+            "cpu_seconds": plain_cpu,
+            "fps": plain_fps,
+        },  # fmt: skip
         "collect": runs,
         "ratios": {
             "fast_env_vs_stock_env": speeds["carsynth/CarRacingFast-v3"] / stock_speed,
