@@ -132,7 +132,7 @@ pygame.register_quit(score_font.cache_clear)
 
 
 class CarRacingFast(CarRacing):
-    """Gymnasium's ``CarRacing`` with the same frames, drawn about 3x faster.
+    """Gymnasium's ``CarRacing`` with the same frames, stepping 2.5 to 3 times faster.
 
     Same constructor arguments, spaces, physics, rewards and observations as ``CarRacing``; see
     the module docstring for what changes and why the pixels do not.
