@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pygame
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from pygame import gfxdraw
 
 import carsynth  # noqa: F401 - registers carsynth/CarRacingFast-v3
@@ -198,3 +198,12 @@ def test_fast_renderer_reproduces_the_shipped_fixture(tmp_path, fixture_file):
         assert count == 400
         for name in ("frames", "actions", "rewards", "terminated", "truncated"):
             np.testing.assert_array_equal(new[name][:], shipped[name][:count], err_msg=name)
+
+
+def test_cli_rejects_an_unknown_renderer(tmp_path):
+    out = tmp_path / "x.h5"
+    result = run_cli("collect", "--out", str(out), "--renderer", "opengl")
+    assert result.returncode == 2
+    assert result.stderr.startswith("carsynth: error:") and "--renderer" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
