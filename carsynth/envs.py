@@ -274,6 +274,8 @@ def matches_stock(seed: int = 7, steps: int = 60) -> bool:
             action = np.array([0.3 * math.sin(step / 9.0), 0.6, 0.0], dtype=np.float32)
             observations = [env.step(action)[0] for env in envs]
         return True
+    except Exception:  # an override that breaks on this gymnasium does not reproduce it either
+        return False
     finally:
         for env in envs:
             env.close()

@@ -165,6 +165,12 @@ def test_check_detects_a_renderer_that_draws_differently(monkeypatch):
     monkeypatch.setattr(CarRacingFast, "_render_road", off_by_one_pixel)
     assert not matches_stock(steps=5)
 
+    def changed_signature(self, zoom, translation):  # as if gymnasium changed its private API
+        raise AssertionError("never called with these arguments")
+
+    monkeypatch.setattr(CarRacingFast, "_render_road", changed_signature)
+    assert not matches_stock(steps=5)
+
 
 TINY = dict(episodes=1, workers=1, max_steps=60, skip_frames=50, progress=False)
 

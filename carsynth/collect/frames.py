@@ -31,7 +31,7 @@ class EnvSettings:
     domain_randomize: bool = False
     lap_complete_percent: float = 0.95
     max_steps: int = 1000
-    renderer: str = "fast"  # "fast": carsynth.envs.CarRacingFast (same frames); "stock"
+    renderer: str = "fast"  # "fast" (carsynth.envs.CarRacingFast, same frames) or "stock"
 
     def make(self) -> gym.Env:
         """Build the env headless (SDL's dummy video driver: pygame never opens a window)."""
