@@ -189,6 +189,20 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--monitor-interval",
+        type=int,
+        default=d.monitor_interval,
+        help="steps between collapse-monitor measurements, a multiple of --log-interval (0: off)",
+    )
+    p.add_argument(
+        "--monitor-samples", type=int, default=d.monitor_samples, help="EMA samples per measurement"
+    )
+    p.add_argument(
+        "--stop-on-collapse",
+        action="store_true",
+        help="end the run when the collapse check fails after having passed",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -212,7 +226,8 @@ def _train(args: argparse.Namespace) -> int:
         compile=args.compile, ema_decay=args.ema_decay, log_interval=args.log_interval,
         sample_interval=args.sample_interval, checkpoint_interval=args.checkpoint_interval,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, monitor_interval=args.monitor_interval,
+        monitor_samples=args.monitor_samples, stop_on_collapse=args.stop_on_collapse,
     )  # fmt: skip
     try:
         path = train(config)

@@ -42,6 +42,8 @@ from tqdm.auto import tqdm
 from carsynth import __version__, losses, storage
 from carsynth.errors import UsageError
 from carsynth.models import FEATURE_LAYERS, IMAGE_SIZE, Discriminator, Generator
+from carsynth.monitor import CollapseMonitor
+from carsynth.monitor import check_settings as check_monitor
 from carsynth.sampling import latents, mix_seed
 
 FINGERPRINT_BYTES = 4 * 2**20  # the data fingerprint hashes this many leading bytes of the file
@@ -101,10 +103,17 @@ class TrainConfig:
     resume: bool = False  # continue the run in ``out`` from its latest checkpoint
     overwrite: bool = False  # replace an existing run directory
     progress: bool = True  # tqdm progress bar
+    # collapse monitor (carsynth.monitor): NDB + neighbour collapse check of fixed-latent samples
+    monitor_interval: int = 0  # steps between measurements (a multiple of log_interval); 0 = off
+    monitor_samples: int = 500  # EMA samples per measurement (and held-out frames compared)
+    stop_on_collapse: bool = False  # end the run (final checkpoint) once the collapse check fails
+    # after an earlier measurement passed (a fresh generator fails it: it has not started yet)
 
 
 # Settings that may change when a run is resumed; every other one must match config.json.
+# The monitor only reads the EMA generator, so its settings may change too.
 RESUMABLE = {"steps", "epochs", "resume", "overwrite", "progress", "device", "max_memory_frames"}
+RESUMABLE |= {"monitor_interval", "monitor_samples", "stop_on_collapse"}
 DEFAULT_STEPS = 5000
 
 
@@ -331,6 +340,7 @@ def _check_config(c: TrainConfig) -> None:
         raise UsageError("--lr must be > 0 and --beta1/--beta2 in [0, 1)")
     if c.amp not in ("auto", "bf16", "fp16", "off"):
         raise UsageError(f"--amp must be auto, bf16, fp16 or off, got {c.amp!r}")
+    check_monitor(c.monitor_interval, c.monitor_samples, c.log_interval, c.stop_on_collapse)
 
 
 def _prepare_out(c: TrainConfig) -> Path | None:
@@ -550,6 +560,9 @@ def _train(
     critic_steps = c.critic_steps or (5 if c.loss == "wgan-gp" else 1)
     steps_per_epoch = batches_per_epoch / critic_steps  # generator steps per pass over the data
     total = c.steps or (math.ceil(c.epochs * steps_per_epoch) if c.epochs else DEFAULT_STEPS)
+    monitor = None  # fitted on rank 0 before anything is written (bad data: nothing written)
+    if c.monitor_interval and rank == 0:
+        monitor = CollapseMonitor.for_run(f, ranges, c.monitor_samples, c.seed, device)
 
     # ---- run directory (rank 0 writes; every rank reads)
     out = Path(c.out)
@@ -688,6 +701,8 @@ def _train(
                 if line and json.loads(line)["step"] <= start
             ]
         metrics_path.write_text("".join(line + "\n" for line in kept))
+        if monitor is not None:
+            monitor.restore([json.loads(line) for line in kept])
 
     def to_input(frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
@@ -761,6 +776,8 @@ def _train(
             bar.update(1)
             done = step + 1
             last = done == total
+            measure = c.monitor_interval > 0 and (done % c.monitor_interval == 0 or last)
+            stop = False
             if done % c.log_interval == 0 or last:
                 values = (sums / since).tolist()  # the one host sync per interval
                 if not all(math.isfinite(v) for v in values):
@@ -784,14 +801,25 @@ def _train(
                         "sample_diversity": diversity,
                         "images_per_s": since * global_batch / seconds,
                     }
+                    if monitor is not None and measure:
+                        row.update(monitor.measure(ema, device))
+                        stop = c.stop_on_collapse and monitor.has_collapsed
+                        if stop:
+                            row["stopped"] = "collapse"
                     with open(out / "metrics.jsonl", "a") as m:
                         m.write(json.dumps(row) + "\n")
                     if writer is not None:
                         for key, value in row.items():
-                            writer.add_scalar(key, value, done)
+                            if not isinstance(value, str):  # "stopped" is a label
+                                writer.add_scalar(key, value, done)
                     bar.set_postfix(d=f"{values[0]:.3f}", g=f"{values[1]:.3f}")
                 sums.zero_()
                 since, tick = 0, time.perf_counter()
+            if measure and c.stop_on_collapse and world > 1:  # all processes take rank 0's verdict
+                flag = torch.tensor([stop], device=device)
+                dist.broadcast(flag, 0)
+                stop = bool(flag.item())
+            last = last or stop  # a stopped run ends with a sample grid and a checkpoint
             if rank == 0 and (done % c.sample_interval == 0 or last):
                 with torch.no_grad():
                     grid = ema(fixed_z).float()
@@ -810,6 +838,13 @@ def _train(
                     )
                 save_checkpoint(done)
                 plot_losses(out / "metrics.jsonl", out / "loss.png")
+                if monitor is not None:
+                    monitor.plot(out / "metrics.jsonl", out / "monitor.png")
+            if stop:
+                if rank == 0:
+                    why = monitor.last.failures[0]
+                    tqdm.write(f"stopped at step {done} (--stop-on-collapse): {why}")
+                break
     finally:
         bar.close()
         if writer is not None:
