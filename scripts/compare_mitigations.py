@@ -73,7 +73,7 @@ class Preset:
 
 PRESETS = {
     # Small nets and a short budget: all seven variants in about 15 minutes on 2 shared cores.
-    "cpu": Preset(steps=500, batch_size=16, ngf=16, ndf=16, nz=100, samples=1000,
+    "cpu": Preset(steps=300, batch_size=16, ngf=16, ndf=16, nz=100, samples=1000,
                   monitor_interval=100, monitor_samples=500),
     # The full DCGAN-64 of Radford et al. 2015 for a real budget.
     "gpu": Preset(steps=30_000, batch_size=128, ngf=64, ndf=64, nz=100, samples=10_000,
