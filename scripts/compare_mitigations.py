@@ -73,7 +73,7 @@ class Preset:
 
 PRESETS = {
     # Small nets and a short budget: all seven variants in about 15 minutes on 2 shared cores.
-    "cpu": Preset(steps=300, batch_size=16, ngf=16, ndf=16, nz=100, samples=1000,
+    "cpu": Preset(steps=500, batch_size=32, ngf=32, ndf=32, nz=100, samples=1000,
                   monitor_interval=100, monitor_samples=500),
     # The full DCGAN-64 of Radford et al. 2015 for a real budget.
     "gpu": Preset(steps=30_000, batch_size=128, ngf=64, ndf=64, nz=100, samples=10_000,
@@ -190,22 +190,28 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_samples(samples: dict[str, np.ndarray], path: Path, per_side: int = 4) -> None:
-    """One figure: each variant's first ``per_side``^2 samples as a grid, titled, side by side."""
+def plot_samples(
+    samples: dict[str, np.ndarray], path: Path, per_side: int = 4, columns: int = 4
+) -> None:
+    """One figure: each variant's first ``per_side``^2 samples as a titled grid, ``columns``
+    variants per row, at about one screen pixel per frame pixel."""
     import torch
     from matplotlib.figure import Figure
     from torchvision.utils import make_grid
 
-    fig = Figure(figsize=(2.2 * len(samples), 2.5), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(samples)))
-    for ax, (name, frames) in zip(axes, samples.items(), strict=True):
+    rows = -(-len(samples) // columns)
+    cols = min(columns, len(samples))
+    fig = Figure(figsize=(2.9 * cols, 3.1 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, (name, frames) in zip(axes, samples.items(), strict=False):
         images = torch.from_numpy(frames[: per_side**2]).permute(0, 3, 1, 2)
         grid = make_grid(images, nrow=per_side, padding=1, pad_value=255)
         ax.imshow(grid.permute(1, 2, 0).numpy())
         ax.set_title(name, fontsize="medium")
+    for ax in axes:
         ax.axis("off")
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=80, format="png")
+    fig.savefig(tmp, dpi=100, format="png")
     os.replace(tmp, path)
 
 

@@ -38,7 +38,7 @@ def test_variants_change_only_their_own_flags() -> None:
     # Gulrajani et al. 2017's settings; Salimans et al. 2016's one-sided smoothing at 0.9.
     assert cm.VARIANTS["wgan-gp"] == {"loss": "wgan-gp", "lr": 1e-4, "beta1": 0.0, "beta2": 0.9}
     assert cm.VARIANTS["bce+smooth"] == {"real_label": 0.9}
-    assert base["steps"] == 300 and base["ngf"] == base["ndf"] == 16
+    assert base["steps"] == 500 and base["ngf"] == base["ndf"] == 32
 
 
 def test_tiny_comparison_writes_table_json_figure_and_resumes(
