@@ -29,15 +29,16 @@ GPU preset (full-size DCGAN-64, tens of thousands of steps; wants a file of 50,0
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from carsynth.errors import UsageError
 
@@ -132,9 +133,7 @@ def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], 
 
     config = train_config(c, variant, seed)
     resume = (Path(config.out) / "config.json").is_file() and not c.overwrite
-    tick = time.perf_counter()
     run = train(replace(config, resume=resume, overwrite=c.overwrite))
-    seconds = time.perf_counter() - tick
     device = "cuda" if c.device in ("auto", "cuda") and _has_cuda() else "cpu"
     fake = generate_frames(load_generator(run, device), c.sample_seed, 0, c.preset.samples,
                            device=device)  # fmt: skip
@@ -158,7 +157,6 @@ def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], 
         "failures": result.failures,
         # generator-step images/s, median over the run's log intervals (the box is shared)
         "images_per_s": float(np.median([r["images_per_s"] for r in rows])),
-        "train_seconds": round(seconds, 1),
         "monitor": [{k: v for k, v in r.items() if k == "step" or k.startswith("monitor")}
                     for r in rows if "monitor_ndb" in r],
     }  # fmt: skip
@@ -210,8 +208,12 @@ def plot_samples(
         ax.set_title(name, fontsize="medium")
     for ax in axes:
         ax.axis("off")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    # A 256-colour palette keeps the figure small enough to commit (a third of the RGB size).
+    image = Image.open(buffer).convert("RGB").quantize(256)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100, format="png")
+    image.save(tmp, format="png", optimize=True)
     os.replace(tmp, path)
 
 
