@@ -6,4 +6,16 @@ The package follows the pipeline: ``storage`` (the HDF5 schema), ``envs`` (a fas
 on demand so that ``import carsynth`` stays cheap (collection workers never load torch).
 """
 
+import gymnasium
+
 __version__ = "0.1.0"
+
+# The fast CarRacing (carsynth.envs) as a gymnasium id. The entry point is a string, so pygame and
+# Box2D are imported only when the env is made, not by `import carsynth`.
+if "carsynth/CarRacingFast-v3" not in gymnasium.registry:
+    gymnasium.register(
+        id="carsynth/CarRacingFast-v3",
+        entry_point="carsynth.envs:CarRacingFast",
+        max_episode_steps=1000,
+        reward_threshold=900,
+    )

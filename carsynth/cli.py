@@ -182,6 +182,22 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA generator decay")
+    p.add_argument(
+        "--monitor-interval",
+        type=int,
+        default=d.monitor_interval,
+        help="steps between collapse checks (NDB + collapse; 0: off)",
+    )
+    p.add_argument(
+        "--monitor-samples",
+        type=int,
+        default=d.monitor_samples,
+        help="EMA samples per collapse check",
+    )
+    p.add_argument("--monitor-k", type=int, default=d.monitor_k, help="NDB bins of the monitor")
+    p.add_argument(
+        "--stop-on-collapse", action="store_true", help="end the run when the collapse check fails"
+    )
     p.add_argument("--log-interval", type=int, default=d.log_interval, help="steps per metrics row")
     p.add_argument("--sample-interval", type=int, default=d.sample_interval, help="steps per grid")
     p.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval)
@@ -189,24 +205,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--monitor-interval",
-        type=int,
-        default=d.monitor_interval,
-        help="steps between collapse-monitor measurements, a multiple of --log-interval (0: off)",
-    )
-    p.add_argument(
-        "--monitor-samples", type=int, default=d.monitor_samples, help="EMA samples per measurement"
-    )
-    p.add_argument(
-        "--stop-on-collapse",
-        action="store_true",
-        help="end the run when the collapse check fails after having passed",
-    )
 
 
 def _train(args: argparse.Namespace) -> int:
-    from carsynth.train import TrainConfig, TrainingDiverged, train
+    from carsynth.train import TrainConfig, TrainingCollapsed, TrainingDiverged, train
 
     # Adam defaults: DCGAN's (Radford et al. 2015), or WGAN-GP's (Gulrajani et al. 2017).
     d = TrainConfig(data="", out="")
@@ -223,15 +225,16 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
         seed=args.seed, holdout=args.holdout, max_memory_frames=args.max_memory_frames,
         device=args.device, amp=args.amp, channels_last=not args.no_channels_last,
-        compile=args.compile, ema_decay=args.ema_decay, log_interval=args.log_interval,
+        compile=args.compile, ema_decay=args.ema_decay, monitor_interval=args.monitor_interval,
+        monitor_samples=args.monitor_samples, monitor_k=args.monitor_k,
+        stop_on_collapse=args.stop_on_collapse, log_interval=args.log_interval,
         sample_interval=args.sample_interval, checkpoint_interval=args.checkpoint_interval,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress, monitor_interval=args.monitor_interval,
-        monitor_samples=args.monitor_samples, stop_on_collapse=args.stop_on_collapse,
+        progress=not args.no_progress,
     )  # fmt: skip
     try:
         path = train(config)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, TrainingCollapsed) as error:
         print(f"carsynth: error: {error}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

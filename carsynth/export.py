@@ -98,8 +98,8 @@ def _check(config: ExportConfig) -> Path:
 
 def _write(path: Path, frames: np.ndarray, attrs: dict[str, Any], overwrite: bool) -> None:
     """Build the whole file under a temporary name, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.export.tmp")
-    try:
+
+    def build(tmp: Path) -> None:
         storage.create_frame_file(
             tmp,
             kind="synthetic",
@@ -111,9 +111,8 @@ def _write(path: Path, frames: np.ndarray, attrs: dict[str, Any], overwrite: boo
         for start in range(0, len(frames), WRITE_BLOCK):
             storage.append_frames(tmp, frames[start : start + WRITE_BLOCK])
         storage.check_writable(path, overwrite)  # nothing appeared at ``path`` meanwhile
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    storage.atomic_write(path, build)
 
 
 def export(config: ExportConfig) -> ExportResult:

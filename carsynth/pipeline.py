@@ -47,9 +47,17 @@ PRESETS: dict[str, Preset] = {
     ),
     # 2-core CPU, at most 15 minutes end to end.
     "quick": Preset(
-        description="CPU-sized: 48 episodes (~14k frames), DCGAN ngf=ndf=32, 10k frames",
+        description="CPU-sized: 48 episodes (~14k frames), ngf=ndf=32, 800 steps, 10k frames",
         collect=dict(episodes=48, max_steps=350, workers=0),
-        train=dict(steps=2500, batch_size=64, ngf=32, ndf=32, fm=True),
+        train=dict(
+            steps=800,
+            batch_size=64,
+            ngf=32,
+            ndf=32,
+            fm=True,
+            sample_interval=100,
+            checkpoint_interval=100,
+        ),
         export=dict(num=10_000),
     ),
     # GPU-sized, World Models scale: 10k rollouts of up to 1000 steps, full-size DCGAN.

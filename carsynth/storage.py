@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -119,6 +119,22 @@ def read_attrs(h5: h5py.File) -> dict[str, Any]:
     return out
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` by calling ``write(tmp)`` on a temporary name beside it, then renaming.
+
+    A reader (or a run killed meanwhile) sees the old file or the complete new one, never a part;
+    the temporary file is removed on any error. Every file carsynth writes goes through here.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an output that exists (unless ``overwrite``) or whose folder is not writable."""
     path = Path(path)
@@ -153,8 +169,8 @@ def create_frame_file(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = check_writable(path, overwrite)
     height, width = frame_size
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def build(tmp: Path) -> None:
         with h5py.File(tmp, "w", libver="latest") as h5:
             h5.create_dataset(
                 "frames",
@@ -196,11 +212,8 @@ def create_frame_file(
             }
             for key, value in {**base, **attrs}.items():
                 h5.attrs[key] = _attr_value(value)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+
+    return atomic_write(path, build)
 
 
 def _extend(dataset: h5py.Dataset, values: np.ndarray, at: int) -> None:
@@ -254,17 +267,15 @@ def _rewrite_interrupted(path: Path) -> None:
     end-of-allocation mark is stale), but SWMR read mode sees consistent contents. ``h5py``'s
     ``copy`` (HDF5's H5Ocopy) moves the compressed chunks as they are, so this is a fast copy.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.repair.tmp")
-    try:
+
+    def copy(tmp: Path) -> None:
         with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
             for key, value in src.attrs.items():
                 dst.attrs[key] = value
             for name in src:
                 src.copy(src[name], dst, name=name)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, copy)
 
 
 def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
@@ -473,26 +484,24 @@ def merge(
             raise UsageError(f"{out}: the output must not be one of the inputs")
         attrs = {**first, "merged_from": [str(f.path) for f in files]}
         action_dim = int(files[0].h5["actions"].shape[1])
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.merge.tmp")
-        create_frame_file(
-            tmp,
-            kind="real",
-            frame_size=files[0].frame_size,
-            action_dim=action_dim,
-            attrs=attrs,
-            overwrite=True,
-        )
-        try:
+
+        def build(tmp: Path) -> None:
+            create_frame_file(
+                tmp,
+                kind="real",
+                frame_size=files[0].frame_size,
+                action_dim=action_dim,
+                attrs=attrs,
+                overwrite=True,
+            )
             if virtual:
                 _write_virtual(tmp, files)
             else:
                 for f in files:
                     for episode in iter_episodes(f):
                         append_episodes(tmp, [episode])
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+
+        atomic_write(out, build)
     finally:
         for f in files:
             f.close()

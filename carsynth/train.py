@@ -5,7 +5,7 @@ One function, :func:`train`, reads a :class:`TrainConfig` and leaves a run direc
 ``config.json``                  every setting, the data file's fingerprint, versions, holdout seeds
 ``metrics.jsonl``                one JSON object per logging step (losses, D outputs, images/s, ...)
 ``samples/step_XXXXXXX.png``     the EMA generator on a fixed noise batch (``latents(seed, 0, 64)``)
-``loss.png``                     the loss curves
+``loss.png``                     the loss curves (and the collapse monitor's statistics)
 ``checkpoints/ckpt_XXXXXXX.pt``  networks, EMA generator, optimizers, grad scaler, RNG states, step
 
 The loop keeps losses on the device and reads them back only at logging intervals (one host sync
@@ -42,8 +42,7 @@ from tqdm.auto import tqdm
 from carsynth import __version__, losses, storage
 from carsynth.errors import UsageError
 from carsynth.models import FEATURE_LAYERS, IMAGE_SIZE, Discriminator, Generator
-from carsynth.monitor import CollapseMonitor
-from carsynth.monitor import check_settings as check_monitor
+from carsynth.monitor import FIT_SAMPLES, CollapseMonitor
 from carsynth.sampling import latents, mix_seed
 
 FINGERPRINT_BYTES = 4 * 2**20  # the data fingerprint hashes this many leading bytes of the file
@@ -52,6 +51,10 @@ SAMPLE_COUNT = 64  # fixed-noise samples: an 8x8 grid and the diversity statisti
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class TrainingCollapsed(RuntimeError):
+    """``stop_on_collapse``: the collapse monitor failed; a checkpoint of that step is kept."""
 
 
 @dataclass
@@ -95,6 +98,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile both networks (slow start, faster steps)
     # EMA generator, used for samples and export
     ema_decay: float = 0.999  # per-step decay, warmed up as min(decay, (1 + t) / (10 + t))
+    # collapse monitor (carsynth.monitor): NDB and the collapse check against held-out frames
+    monitor_interval: int = 0  # steps between checks, a multiple of log_interval; 0 = off
+    monitor_samples: int = 500  # EMA samples per check (fixed latents)
+    monitor_k: int = 20  # NDB bins, fitted once on (at most 10,000) training frames
+    stop_on_collapse: bool = False  # end the run (checkpoint kept) when the collapse check fails
     # bookkeeping
     log_interval: int = 50  # steps between metrics rows (and the only host syncs)
     sample_interval: int = 500  # steps between sample grids
@@ -103,17 +111,15 @@ class TrainConfig:
     resume: bool = False  # continue the run in ``out`` from its latest checkpoint
     overwrite: bool = False  # replace an existing run directory
     progress: bool = True  # tqdm progress bar
-    # collapse monitor (carsynth.monitor): NDB + neighbour collapse check of fixed-latent samples
-    monitor_interval: int = 0  # steps between measurements (a multiple of log_interval); 0 = off
-    monitor_samples: int = 500  # EMA samples per measurement (and held-out frames compared)
-    stop_on_collapse: bool = False  # end the run (final checkpoint) once the collapse check fails
-    # after an earlier measurement passed (a fresh generator fails it: it has not started yet)
 
 
-# Settings that may change when a run is resumed; every other one must match config.json.
-# The monitor only reads the EMA generator, so its settings may change too.
-RESUMABLE = {"steps", "epochs", "resume", "overwrite", "progress", "device", "max_memory_frames"}
-RESUMABLE |= {"monitor_interval", "monitor_samples", "stop_on_collapse"}
+# Settings that may change when a run is resumed (the budget, and bookkeeping that does not touch
+# the weights); every other one must match config.json.
+RESUMABLE = {
+    "steps", "epochs", "resume", "overwrite", "progress", "device", "max_memory_frames",
+    "log_interval", "sample_interval", "checkpoint_interval", "keep_checkpoints",
+    "monitor_interval", "monitor_samples", "monitor_k", "stop_on_collapse",
+}  # fmt: skip
 DEFAULT_STEPS = 5000
 
 
@@ -338,9 +344,17 @@ def _check_config(c: TrainConfig) -> None:
         raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
     if c.lr <= 0 or not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
         raise UsageError("--lr must be > 0 and --beta1/--beta2 in [0, 1)")
+    if c.monitor_interval < 0 or c.monitor_interval % c.log_interval:
+        raise UsageError(
+            f"--monitor-interval must be a multiple of --log-interval {c.log_interval} (or 0), "
+            f"got {c.monitor_interval}"
+        )
+    if c.monitor_interval and (c.monitor_samples < 2 or c.monitor_k < 2):
+        raise UsageError("--monitor-samples and --monitor-k must be >= 2")
+    if c.stop_on_collapse and not c.monitor_interval:
+        raise UsageError("--stop-on-collapse needs --monitor-interval")
     if c.amp not in ("auto", "bf16", "fp16", "off"):
         raise UsageError(f"--amp must be auto, bf16, fp16 or off, got {c.amp!r}")
-    check_monitor(c.monitor_interval, c.monitor_samples, c.log_interval, c.stop_on_collapse)
 
 
 def _prepare_out(c: TrainConfig) -> Path | None:
@@ -349,7 +363,11 @@ def _prepare_out(c: TrainConfig) -> Path | None:
     if c.resume:
         saved = read_run_config(out)["config"]
         mine = dataclasses.asdict(c)
-        diff = sorted(k for k in mine if k not in RESUMABLE and saved.get(k) != mine[k])
+        # A setting missing from an older config.json had its default value then.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        diff = sorted(
+            k for k in mine if k not in RESUMABLE and saved.get(k, defaults[k]) != mine[k]
+        )
         if diff:
             raise UsageError(f"{out}: --resume with settings that differ from the run: {diff}")
         found = sorted((out / "checkpoints").glob("ckpt_*.pt"))
@@ -365,33 +383,31 @@ def _prepare_out(c: TrainConfig) -> Path | None:
     return None
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def plot_losses(metrics_path: Path, out: Path) -> None:
-    """Draw the generator and discriminator losses of ``metrics.jsonl`` into a PNG."""
+    """Draw the losses of ``metrics.jsonl`` (absolute values, log scale: WGAN losses go negative)
+    into a PNG, with the collapse monitor's statistics in a second panel when it ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    checked = [r for r in rows if "ndb" in r]
+    fig, axes = plt.subplots(
+        1 + bool(checked), 1, figsize=(7, 4 + 3 * bool(checked)), squeeze=False
+    )
     steps = [r["step"] for r in rows]
     for key in ("d_loss", "g_loss", "fm_distance"):
-        ax.plot(steps, [r[key] for r in rows], label=key)
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.legend()
+        axes[0, 0].plot(steps, [abs(r[key]) for r in rows], label=key)
+    axes[0, 0].set_yscale("log")
+    if checked:  # the collapse monitor's rows
+        for key in ("ndb", "collapse_ratio", "duplicate_share"):
+            axes[1, 0].plot([r["step"] for r in checked], [r[key] for r in checked], label=key)
+    for ax in axes[:, 0]:
+        ax.set_xlabel("step")
+        ax.legend()
     fig.tight_layout()
-    _atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    storage.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -440,6 +456,7 @@ def discriminator_step(
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(d_loss).backward()
     scaler.step(opt_d)
+    scaler.update()  # per optimizer step: critic steps may repeat this one
     with torch.no_grad():
         to_stat = torch.sigmoid if config.loss == "bce" else torch.clone
         return torch.stack(
@@ -495,6 +512,7 @@ def generator_step(
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(g_loss).backward()
         scaler.step(opt_g)
+        scaler.update()
     finally:
         discriminator.requires_grad_(True)
     return g_loss
@@ -550,6 +568,11 @@ def _train(
     n = len(rows)
     if n == 0:
         raise UsageError(f"{f.path}: no training frames (empty file, or every episode held out)")
+    holdout_rows = [np.arange(a, b) for a, b in ranges["holdout"]]
+    if c.monitor_interval and not holdout_rows:
+        raise UsageError(f"{f.path}: --monitor-interval needs held-out episodes (see --holdout)")
+    if c.monitor_interval and n < c.monitor_k:
+        raise UsageError(f"--monitor-k {c.monitor_k} is more than the {n} training frames")
     global_batch = c.batch_size * world
     if global_batch > n:
         raise UsageError(
@@ -560,9 +583,6 @@ def _train(
     critic_steps = c.critic_steps or (5 if c.loss == "wgan-gp" else 1)
     steps_per_epoch = batches_per_epoch / critic_steps  # generator steps per pass over the data
     total = c.steps or (math.ceil(c.epochs * steps_per_epoch) if c.epochs else DEFAULT_STEPS)
-    monitor = None  # fitted on rank 0 before anything is written (bad data: nothing written)
-    if c.monitor_interval and rank == 0:
-        monitor = CollapseMonitor.for_run(f, ranges, c.monitor_samples, c.seed, device)
 
     # ---- run directory (rank 0 writes; every rank reads)
     out = Path(c.out)
@@ -601,7 +621,7 @@ def _train(
                 "python": platform.python_version(),
             },
         }
-        _atomic_write(
+        storage.atomic_write(
             out / "config.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n")
         )
         for stale in ckpt_dir.glob(".*.tmp"):
@@ -615,6 +635,19 @@ def _train(
     else:
         block = max(c.max_memory_frames // 2, global_batch)
         source = StreamingFrames(f, rows, block, device)
+
+    monitor = None
+    if c.monitor_interval and rank == 0:
+        rng = np.random.default_rng([c.seed, 0x3D])
+        holdout_all = np.concatenate(holdout_rows)
+        pick_train = np.sort(rng.choice(rows, min(n, FIT_SAMPLES), replace=False))
+        pick_holdout = np.sort(
+            rng.choice(holdout_all, min(len(holdout_all), c.monitor_samples), replace=False)
+        )
+        monitor = CollapseMonitor(
+            f.frames[pick_train], f.frames[pick_holdout], c.monitor_samples, c.monitor_k,
+            c.seed, device,
+        )  # fmt: skip
 
     # ---- networks, optimisers, precision
     torch.manual_seed(c.seed)
@@ -701,8 +734,6 @@ def _train(
                 if line and json.loads(line)["step"] <= start
             ]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-        if monitor is not None:
-            monitor.restore([json.loads(line) for line in kept])
 
     def to_input(frames: torch.Tensor) -> torch.Tensor:
         x = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
@@ -723,7 +754,7 @@ def _train(
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
-        _atomic_write(ckpt_dir / f"ckpt_{step:07d}.pt", lambda tmp: torch.save(state, tmp))
+        storage.atomic_write(ckpt_dir / f"ckpt_{step:07d}.pt", lambda tmp: torch.save(state, tmp))
         for old in sorted(ckpt_dir.glob("ckpt_*.pt"))[: -c.keep_checkpoints]:
             old.unlink()
 
@@ -731,6 +762,7 @@ def _train(
     sums = torch.zeros(5, device=device)
     since, tick = 0, time.perf_counter()
     order_epoch = -1
+    collapsed, failures = False, []
     bar = tqdm(total=total, initial=start, disable=not (c.progress and rank == 0), desc="train")
     try:
         for step in range(start, total):
@@ -757,7 +789,6 @@ def _train(
                 generator, d_plain, opt_g, scaler, x, fake, c, amp_dtype,
                 history["g"] if history else None,
             )  # fmt: skip
-            scaler.update()
             if history is not None:
                 with torch.no_grad():  # the mean of the step + 2 parameter sets seen so far
                     torch._foreach_lerp_(history["g"], g_params, 1.0 / (step + 2))
@@ -776,8 +807,6 @@ def _train(
             bar.update(1)
             done = step + 1
             last = done == total
-            measure = c.monitor_interval > 0 and (done % c.monitor_interval == 0 or last)
-            stop = False
             if done % c.log_interval == 0 or last:
                 values = (sums / since).tolist()  # the one host sync per interval
                 if not all(math.isfinite(v) for v in values):
@@ -801,30 +830,23 @@ def _train(
                         "sample_diversity": diversity,
                         "images_per_s": since * global_batch / seconds,
                     }
-                    if monitor is not None and measure:
-                        row.update(monitor.measure(ema, device))
-                        stop = c.stop_on_collapse and monitor.has_collapsed
-                        if stop:
-                            row["stopped"] = "collapse"
+                    if monitor is not None and done % c.monitor_interval == 0:
+                        row.update(monitor(ema))
+                        collapsed, failures = row["collapsed"], row["collapse_failures"]
                     with open(out / "metrics.jsonl", "a") as m:
                         m.write(json.dumps(row) + "\n")
                     if writer is not None:
                         for key, value in row.items():
-                            if not isinstance(value, str):  # "stopped" is a label
+                            if isinstance(value, (int, float)):
                                 writer.add_scalar(key, value, done)
                     bar.set_postfix(d=f"{values[0]:.3f}", g=f"{values[1]:.3f}")
                 sums.zero_()
                 since, tick = 0, time.perf_counter()
-            if measure and c.stop_on_collapse and world > 1:  # all processes take rank 0's verdict
-                flag = torch.tensor([stop], device=device)
-                dist.broadcast(flag, 0)
-                stop = bool(flag.item())
-            last = last or stop  # a stopped run ends with a sample grid and a checkpoint
             if rank == 0 and (done % c.sample_interval == 0 or last):
                 with torch.no_grad():
                     grid = ema(fixed_z).float()
                 path = sample_dir / f"step_{done:07d}.png"
-                _atomic_write(
+                storage.atomic_write(
                     path,
                     lambda tmp, grid=grid: save_image(
                         grid, tmp, format="png", nrow=8, normalize=True, value_range=(-1, 1)
@@ -838,13 +860,18 @@ def _train(
                     )
                 save_checkpoint(done)
                 plot_losses(out / "metrics.jsonl", out / "loss.png")
-                if monitor is not None:
-                    monitor.plot(out / "metrics.jsonl", out / "monitor.png")
-            if stop:
-                if rank == 0:
-                    why = monitor.last.failures[0]
-                    tqdm.write(f"stopped at step {done} (--stop-on-collapse): {why}")
-                break
+            if c.stop_on_collapse and done % c.monitor_interval == 0:
+                flag = torch.tensor([float(collapsed)], device=device)
+                if world > 1:
+                    dist.broadcast(flag, 0)  # rank 0 ran the monitor; every rank stops together
+                if flag.item():
+                    if rank == 0 and not (ckpt_dir / f"ckpt_{done:07d}.pt").exists():
+                        save_checkpoint(done)
+                        plot_losses(out / "metrics.jsonl", out / "loss.png")
+                    raise TrainingCollapsed(
+                        f"stopped at step {done}: {'; '.join(failures) or 'collapse'}; "
+                        f"checkpoint {ckpt_dir / f'ckpt_{done:07d}.pt'} kept"
+                    )
     finally:
         bar.close()
         if writer is not None:

@@ -58,6 +58,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The collapse monitor's columns of a metrics row (carsynth.monitor), kept per run in the JSON.
+MONITOR_KEYS = ("step", "ndb", "ndb_js", "collapse_ratio", "duplicate_share", "collapsed")
+
+
 @dataclass
 class Preset:
     """The sizes a comparison runs at (shared by every variant)."""
@@ -157,8 +161,7 @@ def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], 
         "failures": result.failures,
         # generator-step images/s, median over the run's log intervals (the box is shared)
         "images_per_s": float(np.median([r["images_per_s"] for r in rows])),
-        "monitor": [{k: v for k, v in r.items() if k == "step" or k.startswith("monitor")}
-                    for r in rows if "monitor_ndb" in r],
+        "monitor": [{k: r[k] for k in MONITOR_KEYS} for r in rows if "ndb" in r],
     }  # fmt: skip
     return row, fake
 

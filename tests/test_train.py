@@ -24,6 +24,7 @@ from carsynth.sampling import generate_frames
 from carsynth.train import (
     StreamingFrames,
     TrainConfig,
+    TrainingCollapsed,
     TrainingDiverged,
     discriminator_step,
     epoch_order,
@@ -121,6 +122,20 @@ def test_wgan_gp_run(fixture_file: Path, tmp_path: Path) -> None:
     assert not any("running_mean" in key for key in state["discriminator"])  # no batch norm
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_with_every_option(fixture_file: Path, tmp_path: Path, amp: str) -> None:
+    # CPU autocast runs the same code path as CUDA's; fp16 adds the grad scaler, which must
+    # cope with several critic steps per generator step.
+    config = tiny(fixture_file, tmp_path / "run", amp=amp, loss="wgan-gp", critic_steps=2,
+                  fm=True, adv_weight=0.1, minibatch_kernels=3, historical_weight=0.1,
+                  steps=3)  # fmt: skip
+    run = train(config)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(list(r.values())).all() for r in rows)
+    scaler = load(latest_checkpoint(run))["scaler"]
+    assert ("scale" in scaler) == (amp == "fp16")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -238,6 +253,23 @@ def test_historical_average_is_the_mean_of_all_parameter_sets(
     assert torch.allclose(mean, torch.stack(snapshots).mean(0), atol=1e-6)
 
 
+def test_collapse_monitor_logs_and_stops(fixture_file: Path, tmp_path: Path) -> None:
+    # Two steps in, the generator still draws near-identical grey frames: a collapse by any
+    # measure, so the monitor must report it and --stop-on-collapse must end the run there.
+    config = tiny(fixture_file, tmp_path / "run", steps=20, monitor_interval=2, monitor_samples=64,
+                  monitor_k=5, checkpoint_interval=10)  # fmt: skip
+    with pytest.raises(TrainingCollapsed, match="stopped at step 2: collapse: generated frames"):
+        train(replace(config, stop_on_collapse=True))
+    assert latest_checkpoint(config.out).name == "ckpt_0000002.pt"
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert row["collapsed"] is True and row["collapse_ratio"] < 0.5
+    assert row["ndb"] == 1.0  # every frame in one bin: all 5 bins differ from the real shares
+
+    run = train(replace(config, out=str(tmp_path / "watch"), steps=4))  # monitor only: no stop
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if "ndb" in r] == [2, 4]
+
+
 # ----------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize(
     "changes",
@@ -329,6 +361,10 @@ def _synthetic(path: Path, size: int, count: int) -> Path:
         (lambda d: _synthetic(d / "few.h5", 64, 20), {"batch_size": 32}, "larger than the 20"),
         (lambda d: _synthetic(d / "ok.h5", 64, 20), {"fm_layer": 7}, "--fm-layer"),
         (lambda d: _synthetic(d / "ok.h5", 64, 20), {"holdout": 0.5}, "--holdout needs"),
+        (lambda d: _synthetic(d / "ok.h5", 64, 20), {"monitor_interval": 2},
+         "--monitor-interval needs held-out"),
+        (lambda d: _synthetic(d / "ok.h5", 64, 20), {"monitor_interval": 3},
+         "multiple of --log-interval"),
     ],
 )  # fmt: skip
 def test_bad_input_writes_nothing(tmp_path: Path, make, changes: dict, message: str) -> None:
@@ -367,7 +403,7 @@ def test_ddp_two_cpu_processes(fixture_file: Path, tmp_path: Path, mode: list[st
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", "29517", "-m", "carsynth", "train", "--data", str(fixture_file),
+         "--standalone", "-m", "carsynth", "train", "--data", str(fixture_file),
          "--out", str(out), "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch-size", "8",
          "--steps", "3", "--log-interval", "1", "--device", "cpu", "--no-progress", *mode],
         capture_output=True, text=True, timeout=180, cwd=ROOT, env=ENV,

@@ -31,7 +31,7 @@ class EnvSettings:
     domain_randomize: bool = False
     lap_complete_percent: float = 0.95
     max_steps: int = 1000
-    renderer: str = "stock"
+    renderer: str = "fast"  # "fast" (carsynth.envs.CarRacingFast, same frames) or "stock"
 
     def make(self) -> gym.Env:
         """Build the env headless (SDL's dummy video driver: pygame never opens a window)."""
@@ -55,9 +55,7 @@ class EnvSettings:
     def resolved_id(self) -> str:
         """The gymnasium id actually made: the fast renderer replaces CarRacing-v3."""
         if self.env_id == "CarRacing-v3" and self.renderer == "fast":
-            import carsynth.envs  # noqa: F401 - registers carsynth/CarRacingFast-v3
-
-            return "carsynth/CarRacingFast-v3"
+            return "carsynth/CarRacingFast-v3"  # registered by `import carsynth`
         return self.env_id
 
 

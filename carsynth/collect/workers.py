@@ -10,10 +10,13 @@ episodes, which is what ``--resume`` continues from.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -56,7 +59,7 @@ class CollectConfig:
     domain_randomize: bool = False
     lap_complete_percent: float = 0.95
     max_steps: int = 1000  # env steps per episode before truncation
-    renderer: str = "stock"  # "fast" (carsynth.envs) or "stock" gymnasium rendering
+    renderer: str = "fast"  # "fast" (carsynth.envs, same frames) or "stock" gymnasium rendering
     holdout: float = 0.1  # share of episodes marked holdout (decided by each episode's seed)
     shard: tuple[int, int] = (0, 1)  # (I, N): collect the I-th of N disjoint seed blocks
     resume: bool = False
@@ -225,6 +228,31 @@ def _ordered(jobs: list[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+@functools.cache
+def fast_renderer_matches() -> bool:
+    """Whether the fast renderer reproduces the stock frames here (checked once per process)."""
+    from carsynth.envs import matches_stock
+
+    return matches_stock()
+
+
+def resolve_renderer(config: CollectConfig) -> CollectConfig:
+    """``config``, with the stock renderer if the fast one does not reproduce its frames.
+
+    The fast env overrides private methods of gymnasium's CarRacing; a gymnasium or pygame
+    version that draws differently must not give silently different frames, so a failed check
+    switches to the stock env with one warning line (and the file records ``renderer=stock``).
+    """
+    if config.renderer != "fast" or config.env_id != "CarRacing-v3" or fast_renderer_matches():
+        return config
+    print(
+        f"carsynth: warning: the fast renderer does not reproduce CarRacing-v3's frames with "
+        f"gymnasium {gym.__version__}; collecting with --renderer stock",
+        file=sys.stderr,
+    )
+    return dataclasses.replace(config, renderer="stock")
+
+
 def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> int:
     """Check that ``path`` can be continued with ``config``; return how many episodes it has."""
     if not path.is_file():
@@ -258,6 +286,7 @@ def collect(config: CollectConfig) -> Path:
     """
     check_config(config)
     make_policy(config.policy, config.policy_args)  # fail early on a bad policy
+    config = resolve_renderer(config)
     path = Path(config.out)
     try:
         probe = config.env_settings.make()

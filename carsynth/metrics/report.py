@@ -7,13 +7,12 @@ holds half a file. Figures use matplotlib's object API (no pyplot global state, 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carsynth import storage
 from carsynth.metrics.ndb import NDBResult
 from carsynth.metrics.neighbours import CollapseResult, CopyResult
 
@@ -21,19 +20,9 @@ if TYPE_CHECKING:
     from carsynth.validate import ValidationResult
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_json(data: dict[str, Any], path: Path) -> None:
     """``data`` as indented JSON, atomically."""
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    storage.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _verdict(ok: bool) -> str:
@@ -76,7 +65,7 @@ def summary_table(result: ValidationResult) -> str:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def plot_bins(ndb: NDBResult, baseline: NDBResult, path: Path) -> None:
@@ -132,31 +121,6 @@ def save_pairs(fake: np.ndarray, train: np.ndarray, path: Path, columns: int = 4
 
     pairs = np.stack([fake, train], axis=1).reshape(-1, *fake.shape[1:])
     images = torch.from_numpy(pairs).permute(0, 3, 1, 2).float() / 255.0
-    _atomic(path, lambda tmp: save_image(images, tmp, nrow=2 * columns, padding=2, format="png"))
-
-
-def plot_monitor(
-    rows: list[dict[str, Any]], min_ratio: float, max_duplicate_share: float, path: Path
-) -> None:
-    """The collapse monitor's curves over training steps: NDB/K (with the held-out real NDB/K) and
-    JS on the left, the collapse ratio and near-duplicate share with their thresholds on the right.
-    ``rows`` are metrics rows; those without ``monitor_ndb`` are skipped."""
-    from matplotlib.figure import Figure
-
-    rows = [r for r in rows if "monitor_ndb" in r]
-    steps = [r["step"] for r in rows]
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    left.plot(steps, [r["monitor_ndb"] for r in rows], "o-", label="NDB/K generated")
-    left.plot(steps, [r["monitor_ndb_baseline"] for r in rows], "--", label="NDB/K held-out real")
-    left.plot(steps, [r["monitor_js"] for r in rows], "s-", label="JS divergence")
-    left.set_title("bin coverage (lower is better)", fontsize="medium")
-    right.plot(steps, [r["monitor_collapse_ratio"] for r in rows], "o-", label="collapse ratio")
-    right.axhline(min_ratio, color="tab:blue", ls=":", label=f"min ratio {min_ratio}")
-    right.plot(steps, [r["monitor_duplicate_share"] for r in rows], "s-", label="duplicate share")
-    right.axhline(max_duplicate_share, color="tab:orange", ls=":", label="max duplicate share")
-    right.set_title("collapse (fails below / above the dotted lines)", fontsize="medium")
-    for ax in (left, right):
-        ax.set_xlabel("step")
-        ax.legend(fontsize="small")
-    _save_figure(fig, path)
+    storage.atomic_write(
+        path, lambda tmp: save_image(images, tmp, nrow=2 * columns, padding=2, format="png")
+    )
