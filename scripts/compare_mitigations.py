@@ -1,0 +1,281 @@
+"""Mode collapse: train the DCGAN with each mitigation on the same data, budget and seeds; compare.
+
+Every variant is one :class:`carsynth.train.TrainConfig` that differs from the baseline only in
+its mitigation flags (network sizes, batch, generator steps, seed and data are shared). After
+training, ``--samples`` frames from each run's EMA generator (fixed latents, the same for every
+variant) are judged by :func:`carsynth.validate.validate_frames` against the run's own training
+and held-out frames (:func:`carsynth.train.run_frames`): NDB/K and JS divergence (Richardson &
+Weiss 2018), the nearest-neighbour collapse ratio and near-duplicate share, the copying share,
+and the pass/fail verdict ``carsynth validate`` would give. Runs also carry the collapse monitor
+(:mod:`carsynth.monitor`), whose curves go into the JSON.
+
+Output in ``--out``: ``runs/<variant>_s<seed>/`` (the training runs; an existing run is resumed,
+so a repeated command only evaluates), ``results.json`` (every setting, score and monitor row),
+``results.md`` (the table printed on stdout) and ``samples.png`` (each variant's first 16
+samples, side by side, for the first seed).
+
+CPU preset (this 2-core machine, about 15 minutes with ``nice``)::
+
+    nice -n 5 python3 scripts/compare_mitigations.py --data data/carracing_small.h5 \\
+        --out runs/mitigations --preset cpu
+
+GPU preset (full-size DCGAN-64, tens of thousands of steps; wants a file of 50,000+ frames, e.g.
+``carsynth collect --episodes 200``; not run here, this machine has no GPU)::
+
+    python3 scripts/compare_mitigations.py --data real.h5 --out runs/mitigations --preset gpu \\
+        --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from carsynth.errors import UsageError
+
+# Each variant's changes to the baseline TrainConfig. Sources: Radford et al. 2015 (bce),
+# Salimans et al. 2016 (fm, minibatch discrimination with B=100 kernels of C=5 as in their code,
+# one-sided label smoothing at 0.9, historical averaging), Gulrajani et al. 2017 (wgan-gp: no
+# batch norm in the critic, lambda 10, 5 critic steps, Adam(1e-4, (0, 0.9))). The historical
+# weight is ours: the penalty sums over every parameter, so 1e-3 keeps it near the loss scale.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "bce": {},
+    "fm": {"fm": True},
+    "mbd": {"minibatch_kernels": 100},
+    "wgan-gp": {"loss": "wgan-gp", "lr": 1e-4, "beta1": 0.0, "beta2": 0.9},
+    "fm+mbd": {"fm": True, "minibatch_kernels": 100},
+    "bce+smooth": {"real_label": 0.9},
+    "fm+hist": {"fm": True, "historical_weight": 1e-3},
+}
+
+
+# The collapse monitor's columns of a metrics row (carsynth.monitor), kept per run in the JSON.
+MONITOR_KEYS = ("step", "ndb", "ndb_js", "collapse_ratio", "duplicate_share", "collapsed")
+
+
+@dataclass
+class Preset:
+    """The sizes a comparison runs at (shared by every variant)."""
+
+    steps: int  # generator updates per variant
+    batch_size: int  # frames per step
+    ngf: int  # generator width
+    ndf: int  # discriminator width
+    nz: int  # latent size
+    samples: int  # generated frames validated per variant
+    monitor_interval: int  # steps between collapse-monitor measurements
+    monitor_samples: int  # frames per monitor measurement
+
+
+PRESETS = {
+    # Small nets and a short budget: all seven variants in about 15 minutes on 2 shared cores.
+    "cpu": Preset(steps=500, batch_size=32, ngf=32, ndf=32, nz=100, samples=1000,
+                  monitor_interval=100, monitor_samples=500),
+    # The full DCGAN-64 of Radford et al. 2015 for a real budget.
+    "gpu": Preset(steps=30_000, batch_size=128, ngf=64, ndf=64, nz=100, samples=10_000,
+                  monitor_interval=2000, monitor_samples=2000),
+}  # fmt: skip
+
+
+@dataclass
+class CompareConfig:
+    """Every setting of a comparison; all are recorded in ``results.json``."""
+
+    data: str  # real frame file (with holdout episodes) every variant trains on
+    out: str  # output folder (runs/, results.json, results.md, samples.png)
+    preset: Preset = field(default_factory=lambda: PRESETS["cpu"])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    seeds: list[int] = field(default_factory=lambda: [0])  # one run per variant and seed
+    sample_seed: int = 1234  # latents of the validated samples (the same for every run)
+    device: str = "auto"  # training and validation device
+    overwrite: bool = False  # retrain runs that exist instead of resuming them
+    progress: bool = True  # progress bars
+
+
+def train_config(c: CompareConfig, variant: str, seed: int):
+    """The TrainConfig of one run: the preset's sizes, the variant's flags, the seed."""
+    from carsynth.train import TrainConfig
+
+    p = c.preset
+    interval = p.monitor_interval
+    base = TrainConfig(
+        data=c.data, out=str(Path(c.out) / "runs" / f"{variant}_s{seed}"), nz=p.nz, ngf=p.ngf,
+        ndf=p.ndf, batch_size=p.batch_size, steps=p.steps, seed=seed, device=c.device,
+        log_interval=interval, sample_interval=p.steps, checkpoint_interval=p.steps,
+        monitor_interval=interval, monitor_samples=p.monitor_samples, progress=c.progress,
+    )  # fmt: skip
+    return replace(base, **VARIANTS[variant])
+
+
+def check(c: CompareConfig) -> None:
+    """UsageError for unknown variants, a missing data file or an out path that is a file."""
+    unknown = [v for v in c.variants if v not in VARIANTS]
+    if unknown:
+        raise UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if not c.variants or not c.seeds:
+        raise UsageError("--variants and --seeds need at least one value each")
+    if not Path(c.data).is_file():
+        raise UsageError(f"{c.data}: no such file")
+    if Path(c.out).exists() and not Path(c.out).is_dir():
+        raise UsageError(f"{c.out}: exists and is not a folder")
+
+
+def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Train (or resume) one run, validate its samples; its result row and the samples."""
+    from carsynth.sampling import generate_frames
+    from carsynth.train import load_generator, run_frames, train
+    from carsynth.validate import ValidationConfig, validate_frames
+
+    config = train_config(c, variant, seed)
+    resume = (Path(config.out) / "config.json").is_file() and not c.overwrite
+    run = train(replace(config, resume=resume, overwrite=c.overwrite))
+    device = "cuda" if c.device in ("auto", "cuda") and _has_cuda() else "cpu"
+    fake = generate_frames(load_generator(run, device), c.sample_seed, 0, c.preset.samples,
+                           device=device)  # fmt: skip
+    result = validate_frames(
+        run_frames(run, "train"), run_frames(run, "holdout"), fake,
+        ValidationConfig(seed=seed, device=device),
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    row = {
+        "variant": variant,
+        "seed": seed,
+        "run": str(run),
+        "changes": VARIANTS[variant],
+        "ndb": result.ndb.score,
+        "ndb_real_baseline": result.ndb_baseline.score,
+        "js": result.ndb.js_divergence,
+        "collapse_ratio": result.collapse.ratio,
+        "duplicate_share": result.collapse.duplicate_share,
+        "copy_share": result.copying.copy_share,
+        "passed": result.passed,
+        "failures": result.failures,
+        # generator-step images/s, median over the run's log intervals (the box is shared)
+        "images_per_s": float(np.median([r["images_per_s"] for r in rows])),
+        "monitor": [{k: r[k] for k in MONITOR_KEYS} for r in rows if "ndb" in r],
+    }  # fmt: skip
+    return row, fake
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The comparison table, one row per run, in Markdown."""
+    lines = [
+        "| variant | seed | NDB/K | JS | collapse ratio | duplicate share | copying share "
+        "| verdict | images/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['seed']} | {r['ndb']:.2f} | {r['js']:.3f} "
+            f"| {r['collapse_ratio']:.2f} | {r['duplicate_share']:.1%} | {r['copy_share']:.1%} "
+            f"| {'pass' if r['passed'] else 'FAIL'} | {r['images_per_s']:.0f} |"
+        )
+    baseline = rows[0]["ndb_real_baseline"]
+    lines.append("")
+    lines.append(f"Held-out real frames against the same bins: NDB/K {baseline:.2f}.")
+    return "\n".join(lines)
+
+
+def plot_samples(
+    samples: dict[str, np.ndarray], path: Path, per_side: int = 4, columns: int = 4
+) -> None:
+    """One figure: each variant's first ``per_side``^2 samples as a titled grid, ``columns``
+    variants per row, at about one screen pixel per frame pixel."""
+    import torch
+    from matplotlib.figure import Figure
+    from torchvision.utils import make_grid
+
+    rows = -(-len(samples) // columns)
+    cols = min(columns, len(samples))
+    fig = Figure(figsize=(2.9 * cols, 3.1 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, (name, frames) in zip(axes, samples.items(), strict=False):
+        images = torch.from_numpy(frames[: per_side**2]).permute(0, 3, 1, 2)
+        grid = make_grid(images, nrow=per_side, padding=1, pad_value=255)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_title(name, fontsize="medium")
+    for ax in axes:
+        ax.axis("off")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    # A 256-colour palette keeps the figure small enough to commit (a third of the RGB size).
+    image = Image.open(buffer).convert("RGB").quantize(256)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    image.save(tmp, format="png", optimize=True)
+    os.replace(tmp, path)
+
+
+def compare(c: CompareConfig) -> list[dict[str, Any]]:
+    """Train and validate every (variant, seed); write results.json, results.md, samples.png."""
+    check(c)
+    out = Path(c.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    rows, grids = [], {}
+    for variant in c.variants:
+        for seed in c.seeds:
+            row, fake = run_one(c, variant, seed)
+            rows.append(row)
+            if seed == c.seeds[0]:
+                grids[f"{variant} ({'pass' if row['passed'] else 'FAIL'})"] = fake
+    table = markdown(rows)
+    record = {"config": asdict(c), "results": rows}
+    for name, text in (("results.json", json.dumps(record, indent=2) + "\n"),
+                       ("results.md", table + "\n")):  # fmt: skip
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    plot_samples(grids, out / "samples.png")
+    print(table)
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> CompareConfig:
+    """Flags -> CompareConfig; a preset's sizes can be overridden one by one."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="real frame file with holdout episodes")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--preset", choices=PRESETS, default="cpu", help="sizes (see the docstring)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=", ".join(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
+    for name in ("steps", "batch_size", "ngf", "ndf", "nz", "samples"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"the preset's {name}")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--overwrite", action="store_true", help="retrain existing runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    sizes = {k: v for k, v in vars(args).items() if k in asdict(PRESETS["cpu"]) and v is not None}
+    preset = replace(PRESETS[args.preset], **sizes)
+    if preset.steps % preset.monitor_interval:  # the monitor needs whole log intervals
+        preset.monitor_interval = preset.steps
+    return CompareConfig(
+        data=args.data, out=args.out, preset=preset, variants=args.variants, seeds=args.seeds,
+        device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        compare(parse_args(argv))
+    except UsageError as error:
+        print(f"compare_mitigations: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""scripts/compare_mitigations.py: the variants' settings, the outputs, resuming, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+torch.set_num_threads(1)
+
+
+def load_script():
+    path = ROOT / "scripts" / "compare_mitigations.py"
+    spec = importlib.util.spec_from_file_location("compare_mitigations", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+cm = load_script()
+
+
+def test_variants_change_only_their_own_flags() -> None:
+    c = cm.CompareConfig(data="real.h5", out="cmp")
+    base = dataclasses.asdict(cm.train_config(c, "bce", 0))
+    for variant in cm.VARIANTS:
+        config = dataclasses.asdict(cm.train_config(c, variant, 0))
+        changed = {k: v for k, v in config.items() if base[k] != v and k != "out"}
+        assert changed == cm.VARIANTS[variant]
+        assert config["out"] == str(Path("cmp") / "runs" / f"{variant}_s0")
+    # Gulrajani et al. 2017's settings; Salimans et al. 2016's one-sided smoothing at 0.9.
+    assert cm.VARIANTS["wgan-gp"] == {"loss": "wgan-gp", "lr": 1e-4, "beta1": 0.0, "beta2": 0.9}
+    assert cm.VARIANTS["bce+smooth"] == {"real_label": 0.9}
+    assert base["steps"] == 500 and base["ngf"] == base["ndf"] == 32
+
+
+def test_tiny_comparison_writes_table_json_figure_and_resumes(
+    fixture_file: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "cmp"
+    argv = ["--data", str(fixture_file), "--out", str(out), "--steps", "2", "--ngf", "8",
+            "--ndf", "8", "--nz", "8", "--samples", "120", "--variants", "bce", "fm",
+            "--no-progress"]  # fmt: skip
+    assert cm.main(argv) == 0
+    table = capsys.readouterr().out
+    record = json.loads((out / "results.json").read_text())
+    rows = record["results"]
+    assert [(r["variant"], r["seed"]) for r in rows] == [("bce", 0), ("fm", 0)]
+    assert record["config"]["preset"]["steps"] == 2
+    for r in rows:
+        assert 0 <= r["ndb"] <= 1 and 0 <= r["js"] <= 0.6932 and r["images_per_s"] > 0
+        assert r["passed"] is (not r["failures"])
+        assert [m["step"] for m in r["monitor"]] == [2]  # monitor interval clipped to the steps
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| variant | seed | NDB/K | JS |") and len(lines) == 6
+    assert lines[2].startswith("| bce | 0 | ") and lines[3].startswith("| fm | 0 | ")
+    assert (out / "results.md").read_text() == table
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Repeating the command resumes the finished run: no training, the same numbers.
+    checkpoint = out / "runs" / "fm_s0" / "checkpoints" / "ckpt_0000002.pt"
+    before = checkpoint.stat().st_mtime_ns
+    assert cm.main([*argv[:-3], "fm", "--no-progress"]) == 0
+    assert checkpoint.stat().st_mtime_ns == before
+    (again,) = json.loads((out / "results.json").read_text())["results"]
+    assert again["ndb"] == rows[1]["ndb"] and again["collapse_ratio"] == rows[1]["collapse_ratio"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variants", "bce", "dropout"], "--variants: unknown ['dropout']"),
+        (["--data", "missing.h5"], "missing.h5: no such file"),
+    ],
+)
+def test_bad_input_exit_2_nothing_written(
+    fixture_file: Path, tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    argv = ["--data", str(fixture_file), "--out", str(tmp_path / "cmp"), *args]
+    assert cm.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"compare_mitigations: error: {message}")
+    assert not (tmp_path / "cmp").exists()
