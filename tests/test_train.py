@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from carsynth import losses, storage
+from carsynth import losses, monitor, storage
 from carsynth.errors import UsageError
 from carsynth.models import Discriminator, Generator
 from carsynth.sampling import generate_frames
@@ -253,17 +253,33 @@ def test_historical_average_is_the_mean_of_all_parameter_sets(
     assert torch.allclose(mean, torch.stack(snapshots).mean(0), atol=1e-6)
 
 
-def test_collapse_monitor_logs_and_stops(fixture_file: Path, tmp_path: Path) -> None:
-    # Two steps in, the generator still draws near-identical grey frames: a collapse by any
-    # measure, so the monitor must report it and --stop-on-collapse must end the run there.
+def test_collapse_monitor_logs_and_stops(
+    fixture_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Steps 2 and 4 draw near-identical grey frames, as every fresh generator does: the check
+    # fails, but that is not yet a collapse. Once a check has passed (forced at step 6 here),
+    # a later failure is, and --stop-on-collapse ends the run there.
     config = tiny(fixture_file, tmp_path / "run", steps=20, monitor_interval=2, monitor_samples=64,
                   monitor_k=5, checkpoint_interval=10)  # fmt: skip
-    with pytest.raises(TrainingCollapsed, match="stopped at step 2: collapse: generated frames"):
+    real_check = monitor.collapse_check
+    calls = []
+
+    def check(*args, **kwargs):
+        result = real_check(*args, **kwargs)
+        calls.append(result)
+        if len(calls) == 3:
+            result = replace(result, min_ratio=0.0, max_duplicate_share=1.0)  # a passing check
+        return result
+
+    monkeypatch.setattr(monitor, "collapse_check", check)
+    with pytest.raises(TrainingCollapsed, match="stopped at step 8: collapse: generated frames"):
         train(replace(config, stop_on_collapse=True))
-    assert latest_checkpoint(config.out).name == "ckpt_0000002.pt"
-    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert row["collapsed"] is True and row["collapse_ratio"] < 0.5
-    assert row["ndb"] == 1.0  # every frame in one bin: all 5 bins differ from the real shares
+    assert latest_checkpoint(config.out).name == "ckpt_0000008.pt"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["collapse_passed"] for r in rows] == [False, False, True, False]
+    assert [r["collapsed"] for r in rows] == [False, False, False, True]
+    assert rows[0]["collapse_ratio"] < 0.5
+    assert rows[0]["ndb"] == 1.0  # every frame in one bin: all 5 bins differ from the real shares
 
     run = train(replace(config, out=str(tmp_path / "watch"), steps=4))  # monitor only: no stop
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
