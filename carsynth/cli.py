@@ -378,19 +378,28 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that subcommand's flags are built.
+
+    Building a command's flags imports its module (``train`` imports torch: about a second and
+    hundreds of MiB), so ``carsynth collect`` builds only collect's.
+    """
     parser = _Parser(prog="carsynth", description="Validated synthetic CarRacing frames.")
     parser.add_argument("--version", action="version", version=f"carsynth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        subparser = sub.add_parser(name, help=help_text, description=help_text)
+        if command in (None, name):
+            add_arguments(subparser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``carsynth`` console script; returns the exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         return COMMANDS[args.command][2](args)
     except UsageError as error:
         print(f"carsynth: error: {error}", file=sys.stderr)

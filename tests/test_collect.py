@@ -197,3 +197,15 @@ def test_resume_refuses_foreign_or_different_files(tmp_path, fixture_file):
         "was collected with frame_size=[64, 64], this run has frame_size=[32, 32]" in result.stderr
     )
     assert copy.read_bytes() == fixture_file.read_bytes()
+
+
+def test_collect_command_does_not_load_torch(tmp_path):
+    # Building every command's flags imported carsynth.train (torch): 0.8 GiB in the collector's
+    # main process. Only the chosen command's flags are built now.
+    code = (
+        "import sys; from carsynth import cli; "
+        f"code = cli.main(['collect', '--out', {str(tmp_path / 'a.h5')!r}, '--episodes', '0']); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.split() == ["2", "False"], result.stderr
