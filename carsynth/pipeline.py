@@ -145,7 +145,8 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineR
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.json").write_text(json.dumps(describe(config), indent=2, default=str))
+    settings = json.dumps(describe(config), indent=2, default=str)
+    storage.atomic_write(out / "pipeline.json", lambda tmp: tmp.write_text(settings))
     skipped = []
 
     real = Path(collect_config.out)

@@ -416,6 +416,16 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def _with_history(
+    loss: torch.Tensor, net: nn.Module, history: list[torch.Tensor] | None, weight: float
+) -> torch.Tensor:
+    """``loss`` plus ``weight`` x the historical-averaging penalty of ``net`` (when tracked)."""
+    if history is None:
+        return loss
+    penalty = losses.historical_averaging_penalty(list(net.parameters()), history)
+    return loss + weight * penalty
+
+
 def discriminator_step(
     discriminator: nn.Module,
     opt_d: torch.optim.Optimizer,
@@ -449,10 +459,7 @@ def discriminator_step(
             )
         else:
             d_loss = losses.d_bce_loss(real_logits, fake_logits, config.real_label)
-        if history is not None:
-            params = list(discriminator.parameters())
-            penalty = losses.historical_averaging_penalty(params, history)
-            d_loss = d_loss + config.historical_weight * penalty
+        d_loss = _with_history(d_loss, discriminator, history, config.historical_weight)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(d_loss).backward()
     scaler.step(opt_d)
@@ -505,10 +512,7 @@ def generator_step(
                     g_loss = g_loss + config.adv_weight * adversarial
             else:
                 g_loss = adversarial
-            if history is not None:
-                params = list(generator.parameters())
-                penalty = losses.historical_averaging_penalty(params, history)
-                g_loss = g_loss + config.historical_weight * penalty
+            g_loss = _with_history(g_loss, generator, history, config.historical_weight)
         opt_g.zero_grad(set_to_none=True)
         scaler.scale(g_loss).backward()
         scaler.step(opt_g)
