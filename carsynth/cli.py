@@ -160,6 +160,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gp-weight", type=float, default=d.gp_weight, help="WGAN-GP lambda")
     p.add_argument("--critic-steps", type=int, help="D steps per G step (5 for wgan-gp, else 1)")
+    p.add_argument(
+        "--unrolled-steps",
+        type=int,
+        default=d.unrolled_steps,
+        help="unrolled GAN: G trains against D this many Adam steps ahead (0: off)",
+    )
     p.add_argument("--lr", type=float, help=f"Adam learning rate ({d.lr}; wgan-gp: 1e-4)")
     p.add_argument("--beta1", type=float, help=f"Adam beta1 ({d.beta1}; wgan-gp: 0)")
     p.add_argument("--beta2", type=float, help=f"Adam beta2 ({d.beta2}; wgan-gp: 0.9)")
@@ -221,7 +227,8 @@ def _train(args: argparse.Namespace) -> int:
         minibatch_kernels=args.minibatch_kernels,
         minibatch_kernel_dim=args.minibatch_kernel_dim,
         historical_weight=args.historical_weight, loss=args.loss, gp_weight=args.gp_weight,
-        critic_steps=args.critic_steps, lr=lr, beta1=beta1, beta2=beta2,
+        critic_steps=args.critic_steps, unrolled_steps=args.unrolled_steps,
+        lr=lr, beta1=beta1, beta2=beta2,
         batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
         seed=args.seed, holdout=args.holdout, max_memory_frames=args.max_memory_frames,
         device=args.device, amp=args.amp, channels_last=not args.no_channels_last,

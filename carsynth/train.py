@@ -39,7 +39,7 @@ from torch import nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from carsynth import __version__, losses, storage
+from carsynth import __version__, losses, storage, unrolled
 from carsynth.errors import UsageError
 from carsynth.models import FEATURE_LAYERS, IMAGE_SIZE, Discriminator, Generator
 from carsynth.monitor import FIT_SAMPLES, CollapseMonitor
@@ -80,6 +80,8 @@ class TrainConfig:
     loss: Literal["bce", "wgan-gp"] = "bce"  # "wgan-gp": critic without batch norm + penalty
     gp_weight: float = 10.0  # gradient-penalty weight lambda (WGAN-GP)
     critic_steps: int | None = None  # D updates per G update; None: 5 for wgan-gp, else 1
+    # unrolled GAN (Metz et al. 2017): the generator's loss against the discriminator K steps on
+    unrolled_steps: int = 0  # K differentiable Adam steps of the discriminator (bce only); 0 = off
     # optimisation (Adam as in Radford et al. 2015)
     lr: float = 2e-4  # learning rate of both networks
     beta1: float = 0.5  # Adam beta1; 0.5 steadies GAN training (Radford et al. 2015)
@@ -332,6 +334,12 @@ def _check_config(c: TrainConfig) -> None:
         raise UsageError(f"--loss must be bce or wgan-gp, got {c.loss!r}")
     if c.critic_steps is not None and c.critic_steps < 1:
         raise UsageError(f"--critic-steps must be >= 1, got {c.critic_steps}")
+    if c.unrolled_steps < 0:
+        raise UsageError(f"--unrolled-steps must be >= 0, got {c.unrolled_steps}")
+    if c.unrolled_steps and c.loss != "bce":
+        raise UsageError(
+            "--unrolled-steps works with --loss bce only (Metz et al. unroll the GAN loss)"
+        )
     if c.gp_weight < 0:
         raise UsageError(f"--gp-weight must be >= 0, got {c.gp_weight}")
     if c.historical_weight < 0:
@@ -486,6 +494,7 @@ def generator_step(
     config: TrainConfig,
     amp_dtype: torch.dtype | None = None,
     history: list[torch.Tensor] | None = None,
+    opt_d: torch.optim.Optimizer | None = None,
 ) -> torch.Tensor:
     """One generator update against the (just updated) discriminator; returns the loss.
 
@@ -494,11 +503,23 @@ def generator_step(
     2016), plus ``config.adv_weight`` x the adversarial loss; else the adversarial loss alone
     (non-saturating for "bce", -mean D(G(z)) for "wgan-gp"). The discriminator's weights are
     frozen for the step; ``history`` adds the historical-averaging penalty.
+    ``config.unrolled_steps`` K > 0 judges ``fake`` (and takes the real features) with the
+    discriminator K differentiable steps of its optimizer ``opt_d`` ahead (Metz et al. 2017); the
+    lookahead minimises the discriminator's cross-entropy (with ``real_label``) on ``x`` and
+    ``fake``, without the historical-averaging penalty.
     """
     discriminator.requires_grad_(False)
     try:
         with _autocast(x.device, amp_dtype):
-            gen_logits, gen_features = discriminator(fake)
+            judge = discriminator
+            if config.unrolled_steps:
+                judge = unrolled.lookahead(
+                    discriminator,
+                    opt_d,
+                    lambda d: losses.d_bce_loss(d(x)[0], d(fake)[0], config.real_label),
+                    config.unrolled_steps,
+                )
+            gen_logits, gen_features = judge(fake)
             adversarial = (
                 losses.g_wasserstein_loss(gen_logits)
                 if config.loss == "wgan-gp"
@@ -506,7 +527,7 @@ def generator_step(
             )
             if config.fm:
                 with torch.no_grad():
-                    _, real_features = discriminator(x)
+                    _, real_features = judge(x)
                 g_loss = losses.feature_matching_loss(real_features, gen_features)
                 if config.adv_weight:
                     g_loss = g_loss + config.adv_weight * adversarial
@@ -791,7 +812,7 @@ def _train(
                 )  # fmt: skip
             g_loss = generator_step(
                 generator, d_plain, opt_g, scaler, x, fake, c, amp_dtype,
-                history["g"] if history else None,
+                history["g"] if history else None, opt_d,
             )  # fmt: skip
             if history is not None:
                 with torch.no_grad():  # the mean of the step + 2 parameter sets seen so far

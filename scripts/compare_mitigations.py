@@ -45,8 +45,10 @@ from carsynth.errors import UsageError
 # Each variant's changes to the baseline TrainConfig. Sources: Radford et al. 2015 (bce),
 # Salimans et al. 2016 (fm, minibatch discrimination with B=100 kernels of C=5 as in their code,
 # one-sided label smoothing at 0.9, historical averaging), Gulrajani et al. 2017 (wgan-gp: no
-# batch norm in the critic, lambda 10, 5 critic steps, Adam(1e-4, (0, 0.9))). The historical
-# weight is ours: the penalty sums over every parameter, so 1e-3 keeps it near the loss scale.
+# batch norm in the critic, lambda 10, 5 critic steps, Adam(1e-4, (0, 0.9))), Metz et al. 2017
+# (unrolled: 5 unrolled discriminator steps, one of the step counts of their experiments). The
+# historical weight is ours: the penalty sums over every parameter, so 1e-3 keeps it near the
+# loss scale.
 VARIANTS: dict[str, dict[str, Any]] = {
     "bce": {},
     "fm": {"fm": True},
@@ -55,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fm+mbd": {"fm": True, "minibatch_kernels": 100},
     "bce+smooth": {"real_label": 0.9},
     "fm+hist": {"fm": True, "historical_weight": 1e-3},
+    "unrolled": {"unrolled_steps": 5},
 }
 
 
@@ -173,7 +176,8 @@ def _has_cuda() -> bool:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The comparison table, one row per run, in Markdown."""
+    """The comparison table, one row per run, in Markdown; with several seeds, a second table
+    gives each variant's mean and range over its seeds."""
     lines = [
         "| variant | seed | NDB/K | JS | collapse ratio | duplicate share | copying share "
         "| verdict | images/s |",
@@ -188,7 +192,30 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     baseline = rows[0]["ndb_real_baseline"]
     lines.append("")
     lines.append(f"Held-out real frames against the same bins: NDB/K {baseline:.2f}.")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    if len(rows) > len(variants):
+        lines += [
+            "",
+            "| variant | seeds | NDB/K mean (min-max) | JS mean (min-max) | collapse ratio mean "
+            "| passed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for variant in variants:
+            mine = [r for r in rows if r["variant"] == variant]
+            ndb, js = ([r[key] for r in mine] for key in ("ndb", "js"))
+            collapse = np.mean([r["collapse_ratio"] for r in mine])
+            passed = sum(r["passed"] for r in mine)
+            lines.append(
+                f"| {variant} | {len(mine)} | {_spread(ndb, 2)} | {_spread(js, 3)} "
+                f"| {collapse:.2f} | {passed}/{len(mine)} |"
+            )
     return "\n".join(lines)
+
+
+def _spread(values: list[float], digits: int) -> str:
+    """'mean (min-max)' with ``digits`` decimals."""
+    low, mean, high = min(values), float(np.mean(values)), max(values)
+    return f"{mean:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def plot_samples(

@@ -73,6 +73,23 @@ def test_tiny_comparison_writes_table_json_figure_and_resumes(
     assert again["ndb"] == rows[1]["ndb"] and again["collapse_ratio"] == rows[1]["collapse_ratio"]
 
 
+def test_summary_over_seeds_gives_mean_and_range() -> None:
+    def row(variant: str, seed: int, ndb: float, passed: bool) -> dict:
+        return {"variant": variant, "seed": seed, "ndb": ndb, "js": ndb / 2,
+                "collapse_ratio": 1.0 + seed, "duplicate_share": 0.0, "copy_share": 0.0,
+                "passed": passed, "images_per_s": 10.0, "ndb_real_baseline": 0.1}  # fmt: skip
+
+    rows = [row("bce", 0, 0.6, False), row("bce", 1, 0.8, True), row("fm", 0, 0.3, True),
+            row("fm", 1, 0.4, True)]  # fmt: skip
+    lines = cm.markdown(rows).splitlines()
+    assert "| bce | 2 | 0.70 (0.60-0.80) | 0.350 (0.300-0.400) | 1.50 | 1/2 |" in lines
+    assert "| fm | 2 | 0.35 (0.30-0.40) | 0.175 (0.150-0.200) | 1.50 | 2/2 |" in lines
+    # one seed per variant: no summary table
+    assert not any(
+        line.startswith("| variant | seeds |") for line in cm.markdown(rows[::2]).split("\n")
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -289,7 +289,11 @@ def test_collapse_monitor_logs_and_stops(
 # ----------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"real_label": 0.9, "minibatch_kernels": 4, "historical_weight": 0.5, "fm": True}],
+    [
+        {},
+        {"real_label": 0.9, "minibatch_kernels": 4, "historical_weight": 0.5, "fm": True},
+        {"unrolled_steps": 2},
+    ],
 )
 def test_resume_is_bit_identical(fixture_file: Path, tmp_path: Path, changes: dict) -> None:
     whole = train(tiny(fixture_file, tmp_path / "whole", steps=8, checkpoint_interval=4, **changes))
@@ -381,6 +385,8 @@ def _synthetic(path: Path, size: int, count: int) -> Path:
          "--monitor-interval needs held-out"),
         (lambda d: _synthetic(d / "ok.h5", 64, 20), {"monitor_interval": 3},
          "multiple of --log-interval"),
+        (lambda d: _synthetic(d / "ok.h5", 64, 20), {"unrolled_steps": 2, "loss": "wgan-gp"},
+         "--unrolled-steps works with --loss bce only"),
     ],
 )  # fmt: skip
 def test_bad_input_writes_nothing(tmp_path: Path, make, changes: dict, message: str) -> None:
@@ -412,6 +418,21 @@ def test_cli_bad_input_exit_2(fixture_file: Path, tmp_path: Path) -> None:
         f"frames of {fixture_file}"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_unrolled_steps(fixture_file: Path, tmp_path: Path) -> None:
+    base = ["train", "--data", str(fixture_file), "--nz", "8", "--ngf", "8", "--ndf", "8",
+            "--batch-size", "8", "--steps", "2", "--no-progress", "--device", "cpu"]  # fmt: skip
+    bad = cli(*base, "--out", str(tmp_path / "bad"), "--unrolled-steps", "3", "--loss", "wgan-gp")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "carsynth: error: --unrolled-steps works with --loss bce only (Metz et al. unroll the GAN "
+        "loss)"
+    ]
+    assert not (tmp_path / "bad").exists()
+    good = cli(*base, "--out", str(tmp_path / "run"), "--unrolled-steps", "3")
+    assert good.returncode == 0, good.stderr
+    assert read_run_config(tmp_path / "run")["config"]["unrolled_steps"] == 3
 
 
 @pytest.mark.parametrize("mode", [["--fm"], ["--loss", "wgan-gp", "--critic-steps", "2"]])
