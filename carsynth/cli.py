@@ -95,6 +95,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- info
+INFO_VALUE_CHARS = 100  # longer values are shortened in the text summary
+
+
 def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a carsynth frame file")
     p.add_argument("--grid", metavar="PNG", help="write a contact sheet of frames to PNG")
@@ -109,9 +112,17 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
+        # Synthetic files carry whole JSON documents (train config, validation report) as
+        # attributes: shortened here, printed whole with --json.
         width = max(len(k) for k in summary)
+        shortened = False
         for key, value in summary.items():
-            print(f"{key:<{width}}  {value}")
+            text = str(value)
+            if len(text) > INFO_VALUE_CHARS:
+                text, shortened = f"{text[: INFO_VALUE_CHARS - 3]}...", True
+            print(f"{key:<{width}}  {text}")
+        if shortened:
+            print("(long attributes shortened; --json prints them whole)")
     if args.grid:
         write_grid(args.file, args.grid, count=args.grid_size)
         print(f"wrote {args.grid}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +154,21 @@ def test_info_prints_counts_and_writes_a_grid(tmp_path, fixture_file):
     assert result.returncode == 0, result.stderr
     assert "1600 x 64x64x3 uint8" in result.stdout and "8 (1 holdout)" in result.stdout
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_info_shortens_long_attributes_and_json_keeps_them(tmp_path, fixture_file):
+    path = tmp_path / "copy.h5"
+    shutil.copy(fixture_file, path)
+    document = json.dumps({"report": "x" * 2000})
+    with h5py.File(path, "a") as f:
+        f.attrs["validation"] = document
+    text = run_cli("info", str(path))
+    assert text.returncode == 0, text.stderr
+    (line,) = [line for line in text.stdout.splitlines() if line.startswith("attr.validation")]
+    assert len(line) < 140 and line.endswith("...")
+    assert text.stdout.splitlines()[-1] == "(long attributes shortened; --json prints them whole)"
+    whole = json.loads(run_cli("info", str(path), "--json").stdout)
+    assert whole["attr.validation"] == document
 
 
 @pytest.mark.parametrize(
