@@ -125,12 +125,20 @@ def test_wgan_gp_run(fixture_file: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_with_every_option(fixture_file: Path, tmp_path: Path, amp: str) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss": "wgan-gp", "critic_steps": 2, "minibatch_kernels": 3, "historical_weight": 0.1},
+        {"unrolled_steps": 2, "minibatch_kernels": 3, "real_label": 0.9},
+    ],
+)
+def test_mixed_precision_with_every_option(
+    fixture_file: Path, tmp_path: Path, amp: str, options: dict
+) -> None:
     # CPU autocast runs the same code path as CUDA's; fp16 adds the grad scaler, which must
-    # cope with several critic steps per generator step.
-    config = tiny(fixture_file, tmp_path / "run", amp=amp, loss="wgan-gp", critic_steps=2,
-                  fm=True, adv_weight=0.1, minibatch_kernels=3, historical_weight=0.1,
-                  steps=3)  # fmt: skip
+    # cope with several critic steps per generator step and with the unrolled lookahead.
+    config = tiny(fixture_file, tmp_path / "run", amp=amp, fm=True, adv_weight=0.1, steps=3,
+                  **options)  # fmt: skip
     run = train(config)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(list(r.values())).all() for r in rows)
