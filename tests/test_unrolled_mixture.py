@@ -46,27 +46,13 @@ def test_real_points_are_the_mixture() -> None:
 
 def test_tiny_run_writes_table_json_and_figure(tmp_path: Path, capsys) -> None:
     out = tmp_path / "mix"
-    assert (
-        um.main(
-            [
-                "--out",
-                str(out),
-                "--steps",
-                "3",
-                "--unroll",
-                "0",
-                "2",
-                "--seeds",
-                "0",
-                "--d-layers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    argv = ["--out", str(out), "--steps", "3", "--unroll", "0", "2", "--seeds", "0",
+            "--eval-every", "2"]  # fmt: skip
+    assert um.main(argv) == 0
     record = json.loads((out / "results.json").read_text())
     assert [(r["unroll"], r["seed"]) for r in record["results"]] == [(0, 0), (2, 0)]
     assert record["config"]["steps"] == 3
+    assert [len(r["timeline"]) for r in record["results"]] == [2, 2]  # steps 2 and 3
     table = (out / "results.md").read_text()
     assert table.startswith("| K (unrolled steps) |") and len(table.splitlines()) == 4
     assert capsys.readouterr().out.endswith(table)  # printed last
@@ -76,6 +62,6 @@ def test_tiny_run_writes_table_json_and_figure(tmp_path: Path, capsys) -> None:
 def test_bad_input_exit_2(tmp_path: Path, capsys) -> None:
     assert um.main(["--out", str(tmp_path / "mix"), "--steps", "0"]) == 2
     assert capsys.readouterr().err.startswith(
-        "unrolled_mixture: error: --steps and --d-layers must be >= 1"
+        "unrolled_mixture: error: --steps and --eval-every must be >= 1"
     )
     assert not (tmp_path / "mix").exists()
