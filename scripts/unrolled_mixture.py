@@ -18,7 +18,7 @@ high quality within 3 standard deviations of a mode's centre, and a mode is cove
     python3 scripts/unrolled_mixture.py --out runs/unrolled_mixture --steps 5000 --seeds 0 1 2
 
 Output in ``--out``: ``results.json`` (settings and one row per run), ``results.md`` (the table)
-and ``samples.png`` (each K's samples over the ring, first seed).
+and ``samples.png`` (every run's samples over the ring: a row per seed, a column per K).
 """
 
 from __future__ import annotations
@@ -162,20 +162,24 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(samples: dict[int, torch.Tensor], path: Path) -> None:
-    """Each K's generated points (blue) over the modes' centres (red), side by side."""
+def plot(samples: dict[tuple[int, int], torch.Tensor], path: Path) -> None:
+    """Each run's generated points (blue) over the modes' centres (red): a row per seed, a
+    column per K."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3.2 * len(samples), 3.3), layout="constrained")
-    axes = fig.subplots(1, len(samples), squeeze=False)[0]
-    for ax, (k, points) in zip(axes, samples.items(), strict=True):
+    ks = sorted({k for k, _ in samples})
+    seeds = sorted({seed for _, seed in samples})
+    fig = Figure(figsize=(2.4 * len(ks), 2.5 * len(seeds)), layout="constrained")
+    axes = fig.subplots(len(seeds), len(ks), squeeze=False)
+    for (k, seed), points in samples.items():
+        ax = axes[seeds.index(seed), ks.index(k)]
         ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.3)
-        ax.scatter(*centres().T, s=12, c="red")
-        ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=f"K = {k}")
+        ax.scatter(*centres().T, s=10, c="red")
+        ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=f"K = {k}, seed {seed}")
         ax.set_xticks([])
         ax.set_yticks([])
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=80, format="png")
+    fig.savefig(tmp, dpi=72, format="png")
     os.replace(tmp, path)
 
 
@@ -197,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                       eval_every=args.eval_every)  # fmt: skip
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, firsts = [], {}
+    rows, samples = [], {}
     for k in c.unroll:
         for seed in c.seeds:
             row, points = run(c, k, seed)
             rows.append(row)
-            firsts.setdefault(k, points)
+            samples[k, seed] = points
             print(markdown([row]).splitlines()[-1], flush=True)
     table = markdown(rows)
     record = {"config": asdict(c), "results": rows}
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = out / f".{name}.{os.getpid()}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
-    plot(firsts, out / "samples.png")
+    plot(samples, out / "samples.png")
     print(table)
     return 0
 
