@@ -84,6 +84,9 @@ def test_summary_over_seeds_gives_mean_and_range() -> None:
     lines = cm.markdown(rows).splitlines()
     assert "| bce | 2 | 0.70 (0.60-0.80) | 0.350 (0.300-0.400) | 1.50 | 1/2 |" in lines
     assert "| fm | 2 | 0.35 (0.30-0.40) | 0.175 (0.150-0.200) | 1.50 | 2/2 |" in lines
+    assert (
+        "Held-out real frames against the same bins: NDB/K 0.10 (seed 0), 0.10 (seed 1)." in lines
+    )
     # one seed per variant: no summary table
     assert not any(
         line.startswith("| variant | seeds |") for line in cm.markdown(rows[::2]).split("\n")
