@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from carsynth import storage
 from carsynth.errors import UsageError
 
 # Each variant's changes to the baseline TrainConfig. Sources: Radford et al. 2015 (bce),
@@ -247,9 +247,7 @@ def plot_samples(
     fig.savefig(buffer, dpi=100, format="png")
     # A 256-colour palette keeps the figure small enough to commit (a third of the RGB size).
     image = Image.open(buffer).convert("RGB").quantize(256)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    image.save(tmp, format="png", optimize=True)
-    os.replace(tmp, path)
+    storage.atomic_write(path, lambda tmp: image.save(tmp, format="png", optimize=True))
 
 
 def compare(c: CompareConfig) -> list[dict[str, Any]]:
@@ -268,9 +266,7 @@ def compare(c: CompareConfig) -> list[dict[str, Any]]:
     record = {"config": asdict(c), "results": rows}
     for name, text in (("results.json", json.dumps(record, indent=2) + "\n"),
                        ("results.md", table + "\n")):  # fmt: skip
-        tmp = out / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        storage.atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     plot_samples(grids, out / "samples.png")
     print(table)
     return rows

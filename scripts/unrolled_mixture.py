@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from carsynth import losses, unrolled
+from carsynth import losses, storage, unrolled
 
 MODES, RADIUS, STD = 8, 2.0, 0.02  # the ring of Gaussians
 
@@ -178,9 +177,7 @@ def plot(samples: dict[tuple[int, int], torch.Tensor], path: Path) -> None:
         ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=f"K = {k}, seed {seed}")
         ax.set_xticks([])
         ax.set_yticks([])
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=72, format="png")
-    os.replace(tmp, path)
+    storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=72, format="png"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"config": asdict(c), "results": rows}
     for name, text in (("results.json", json.dumps(record, indent=2) + "\n"),
                        ("results.md", table + "\n")):  # fmt: skip
-        tmp = out / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        storage.atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     plot(samples, out / "samples.png")
     print(table)
     return 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -27,3 +29,12 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "carsynth", *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
     )  # fmt: skip
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/NAME.py`` (the scripts are not a package) as module ``NAME``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import load_script
 
 torch.set_num_threads(1)
 
 
-def load_script():
-    path = ROOT / "scripts" / "compare_mitigations.py"
-    spec = importlib.util.spec_from_file_location("compare_mitigations", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-cm = load_script()
+cm = load_script("compare_mitigations")
 
 
 def test_variants_change_only_their_own_flags() -> None:

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import load_script
 
-
-def load_script():
-    path = ROOT / "scripts" / "unrolled_mixture.py"
-    spec = importlib.util.spec_from_file_location("unrolled_mixture", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-um = load_script()
+um = load_script("unrolled_mixture")
 
 
 def test_score_counts_covered_modes_and_high_quality_points() -> None:

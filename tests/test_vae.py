@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,21 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 from carsynth import storage, vae
 
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = _load_script("pretrain_vae")
-dev_synthetic = _load_script("make_dev_synthetic")
+pretrain = load_script("pretrain_vae")
+dev_synthetic = load_script("make_dev_synthetic")
 
 
 @pytest.fixture(autouse=True)
