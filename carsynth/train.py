@@ -45,7 +45,7 @@ from carsynth.models import FEATURE_LAYERS, IMAGE_SIZE, Discriminator, Generator
 from carsynth.monitor import FIT_SAMPLES, CollapseMonitor
 from carsynth.sampling import latents, mix_seed
 
-FINGERPRINT_BYTES = 4 * 2**20  # the data fingerprint hashes this many leading bytes of the file
+FINGERPRINT_BYTES = 4 * 2**20  # the data fingerprint hashes this many leading and trailing bytes
 SAMPLE_COUNT = 64  # fixed-noise samples: an 8x8 grid and the diversity statistic
 
 
@@ -178,14 +178,24 @@ def run_frames(run_dir: str | os.PathLike, split: Literal["train", "holdout"]) -
 
 
 def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """Size, modification time and the SHA-256 of the first ``FINGERPRINT_BYTES`` of a file.
+    """Size and the SHA-256 of the first and the last ``FINGERPRINT_BYTES`` of a file.
 
-    Cheap for files of any size, and it changes when the file is rewritten or appended to.
+    Cheap for files of any size. It changes when episodes are appended (size, tail) or the file
+    is rewritten (HDF5 keeps its superblock and root metadata at the head), but not when the file
+    is only copied or touched: a run can be resumed on a copy of its data (rsync, a fresh clone).
     """
-    stat = os.stat(path)
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_head": head}
+        f.seek(max(0, size - FINGERPRINT_BYTES))
+        tail = hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
+    return {"size": size, "sha256_head": head, "sha256_tail": tail}
+
+
+def same_data(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two fingerprints describe the same file contents, compared on the keys both have
+    (runs started before the tail hash recorded the file's mtime instead, which is ignored)."""
+    return all(saved[key] == current[key] for key in saved.keys() & current.keys())
 
 
 def _holdout_seeds(f: storage.FrameFile, fraction: float | None) -> list[int]:
@@ -622,7 +632,7 @@ def _train(
     }
     if resume_from is not None:
         saved = read_run_config(out)["data"]
-        if saved["fingerprint"] != data_info["fingerprint"]:
+        if not same_data(saved["fingerprint"], data_info["fingerprint"]):
             raise UsageError(f"{c.data}: the data file changed since the run started")
     if world > 1:
         dist.barrier()  # every process has checked the inputs before rank 0 writes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,17 +23,20 @@ from carsynth.errors import UsageError
 from carsynth.models import Discriminator, Generator
 from carsynth.sampling import generate_frames
 from carsynth.train import (
+    FINGERPRINT_BYTES,
     StreamingFrames,
     TrainConfig,
     TrainingCollapsed,
     TrainingDiverged,
     discriminator_step,
     epoch_order,
+    fingerprint,
     generator_step,
     latest_checkpoint,
     load_generator,
     read_run_config,
     run_frames,
+    same_data,
     train,
 )
 
@@ -347,6 +351,43 @@ def test_resume_refuses_changed_settings_and_overwrite_replaces(
     assert load(latest_checkpoint(run))["step"] == 2
     train(tiny(fixture_file, run, steps=1, overwrite=True))
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt_0000001.pt"]
+
+
+def test_resume_accepts_a_touched_data_file_and_refuses_a_changed_one(
+    fixture_file: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "real.h5"
+    shutil.copy(fixture_file, data)
+    run = train(tiny(data, tmp_path / "run", steps=2))
+    # Copied or touched (rsync without -t, a fresh clone): the same frames, so resume works.
+    os.utime(data, ns=(1, 1))
+    train(tiny(data, run, steps=4, resume=True))
+    assert load(latest_checkpoint(run))["step"] == 4
+    # Changed contents: refused, the run untouched.
+    with h5py.File(data, "a") as f:
+        f.attrs["policy"] = "something else"
+    with pytest.raises(UsageError, match="the data file changed since the run started"):
+        train(tiny(data, run, steps=6, resume=True))
+    assert load(latest_checkpoint(run))["step"] == 4
+
+
+def test_fingerprint_hashes_head_and_tail(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    blob = bytearray(b"x" * (FINGERPRINT_BYTES * 3))
+    path.write_bytes(blob)
+    before = fingerprint(path)
+    blob[FINGERPRINT_BYTES + 1] = ord("y")  # the middle is not hashed: cheap for huge files
+    path.write_bytes(blob)
+    assert fingerprint(path) == before
+    for at in (0, len(blob) - 1):
+        changed = bytearray(blob)
+        changed[at] = ord("z")
+        path.write_bytes(changed)
+        assert not same_data(before, fingerprint(path))
+    # A run recorded before the tail hash (size, mtime, head) is compared on size and head.
+    old = {"size": before["size"], "mtime_ns": 123, "sha256_head": before["sha256_head"]}
+    path.write_bytes(blob)
+    assert same_data(old, fingerprint(path))
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(
