@@ -523,6 +523,8 @@ def generator_step(
         with _autocast(x.device, amp_dtype):
             judge = discriminator
             if config.unrolled_steps:
+                if opt_d is None:
+                    raise ValueError("unrolled_steps needs the discriminator's optimizer opt_d")
                 judge = unrolled.lookahead(
                     discriminator,
                     opt_d,

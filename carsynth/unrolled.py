@@ -55,8 +55,12 @@ def lookahead(
         state = optimizer.state.get(p, {})
         names.append(name)
         params.append(p.detach().requires_grad_(True))
-        exp_avg.append(state.get("exp_avg", torch.zeros_like(p)).detach())
-        exp_avg_sq.append(state.get("exp_avg_sq", torch.zeros_like(p)).detach())
+        if state:  # after the optimizer's first step
+            exp_avg.append(state["exp_avg"].detach())
+            exp_avg_sq.append(state["exp_avg_sq"].detach())
+        else:
+            exp_avg.append(torch.zeros_like(p))
+            exp_avg_sq.append(torch.zeros_like(p))
         counts.append(float(state.get("step", 0)))
     buffers = {name: b.clone() for name, b in discriminator.named_buffers()}
 

@@ -14,24 +14,26 @@ from carsynth.models import Discriminator, Generator
 from carsynth.train import TrainConfig, generator_step
 
 
-def warm_adam(d: nn.Module, x: torch.Tensor, fake: torch.Tensor, lr: float) -> torch.optim.Adam:
-    """An Adam for ``d`` that has taken two steps, so that its moments and count are not zero."""
+def warm_adam(
+    d: nn.Module, x: torch.Tensor, fake: torch.Tensor, lr: float, taken: int = 2
+) -> torch.optim.Adam:
+    """An Adam for ``d`` that has taken ``taken`` steps (moments and count not zero)."""
     opt = torch.optim.Adam(d.parameters(), lr=lr, betas=(0.5, 0.999))
-    for _ in range(2):
+    for _ in range(taken):
         opt.zero_grad()
         losses.d_bce_loss(d(x)[0], d(fake)[0]).backward()
         opt.step()
     return opt
 
 
-@pytest.mark.parametrize("steps", [0, 1, 3])
-def test_lookahead_equals_torch_adam_steps_and_changes_nothing(steps: int) -> None:
+@pytest.mark.parametrize(("steps", "taken"), [(0, 2), (1, 2), (3, 2), (2, 0)])
+def test_lookahead_equals_torch_adam_steps_and_changes_nothing(steps: int, taken: int) -> None:
     # The lookahead, written out by hand, must land where torch.optim.Adam lands from the same
     # state on the same loss, and leave the real discriminator and optimizer as they were.
     torch.manual_seed(0)
     d = Discriminator(8, minibatch_kernels=3)
     x, fake = torch.rand(6, 3, 64, 64) * 2 - 1, torch.rand(6, 3, 64, 64) * 2 - 1
-    opt = warm_adam(d, x, fake, lr=1e-3)
+    opt = warm_adam(d, x, fake, lr=1e-3, taken=taken)  # taken=0: a fresh optimizer
     before = copy.deepcopy(d.state_dict()), copy.deepcopy(opt.state_dict())
 
     def loss(judge):
