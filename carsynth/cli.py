@@ -131,7 +131,7 @@ def _info(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ train
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from carsynth.train import TrainConfig
+    from carsynth.training.config import TrainConfig
 
     d = TrainConfig(data="", out="")
     p.add_argument("--data", required=True, help="carsynth frame file to train on")
@@ -177,9 +177,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         default=d.unrolled_steps,
         help="unrolled GAN: G trains against D this many Adam steps ahead (0: off)",
     )
-    p.add_argument("--lr", type=float, help=f"Adam learning rate ({d.lr}; wgan-gp: 1e-4)")
-    p.add_argument("--beta1", type=float, help=f"Adam beta1 ({d.beta1}; wgan-gp: 0)")
-    p.add_argument("--beta2", type=float, help=f"Adam beta2 ({d.beta2}; wgan-gp: 0.9)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (2e-4; wgan-gp: 1e-4)")
+    p.add_argument("--beta1", type=float, help="Adam beta1 (0.5; wgan-gp: 0)")
+    p.add_argument("--beta2", type=float, help="Adam beta2 (0.999; wgan-gp: 0.9)")
     p.add_argument(
         "--batch-size", type=int, default=d.batch_size, help="frames per step and process"
     )
@@ -225,13 +225,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from carsynth.train import TrainConfig, TrainingCollapsed, TrainingDiverged, train
+    from carsynth.training import TrainConfig, TrainingCollapsed, TrainingDiverged, train
 
-    # Adam defaults: DCGAN's (Radford et al. 2015), or WGAN-GP's (Gulrajani et al. 2017).
-    d = TrainConfig(data="", out="")
-    adam = (1e-4, 0.0, 0.9) if args.loss == "wgan-gp" else (d.lr, d.beta1, d.beta2)
-    lr, beta1, beta2 = (a if a is not None else b for a, b in zip(
-        (args.lr, args.beta1, args.beta2), adam, strict=True))  # fmt: skip
     config = TrainConfig(
         data=args.data, out=args.out, nz=args.nz, ngf=args.ngf, ndf=args.ndf, fm=args.fm,
         fm_layer=args.fm_layer, adv_weight=args.adv_weight, real_label=args.real_label,
@@ -239,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
         minibatch_kernel_dim=args.minibatch_kernel_dim,
         historical_weight=args.historical_weight, loss=args.loss, gp_weight=args.gp_weight,
         critic_steps=args.critic_steps, unrolled_steps=args.unrolled_steps,
-        lr=lr, beta1=beta1, beta2=beta2,
+        lr=args.lr, beta1=args.beta1, beta2=args.beta2,
         batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
         seed=args.seed, holdout=args.holdout, max_memory_frames=args.max_memory_frames,
         device=args.device, amp=args.amp, channels_last=not args.no_channels_last,
@@ -323,6 +318,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="frame i's latent depends on (SEED, i)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="generator batch")
     p.add_argument("--device", default=d.device, help="auto, cuda, mps or cpu")
+    p.add_argument("--data", help="the run's data file, if it moved (checked by fingerprint)")
     p.add_argument("--report", metavar="DIR", help="also write the validation report to DIR")
     p.add_argument("--force", action="store_true", help="write even if validation fails")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file/report")
@@ -335,7 +331,8 @@ def _export(args: argparse.Namespace) -> int:
 
     config = ExportConfig(
         run=args.run, out=args.out, num=args.num, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, report=args.report, force=args.force, overwrite=args.overwrite,
+        device=args.device, data=args.data, report=args.report, force=args.force,
+        overwrite=args.overwrite,
         progress=not args.no_progress, validation=_validation_config(args),
     )  # fmt: skip
     try:

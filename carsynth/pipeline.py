@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carsynth import storage
+from carsynth import files, storage
 from carsynth.collect.workers import CollectConfig, collect
 from carsynth.errors import UsageError
 
@@ -94,7 +94,7 @@ class PipelineResult:
 def _configs(config: PipelineConfig):
     """The config of each step, built from the preset; imports kept here so collect stays light."""
     from carsynth.export import ExportConfig
-    from carsynth.train import TrainConfig
+    from carsynth.training.config import TrainConfig
     from carsynth.validate import ValidationConfig
 
     if config.preset not in PRESETS:
@@ -138,7 +138,8 @@ def describe(config: PipelineConfig) -> dict:
 def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineResult:
     """Run the pipeline, skipping each step whose output is complete and resuming the others."""
     from carsynth.export import ExportRefused, export
-    from carsynth.train import train, training_finished
+    from carsynth.rundir import training_finished
+    from carsynth.training import train
 
     collect_config, train_config, export_config = _configs(config)
     out = Path(config.out)
@@ -146,7 +147,7 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineR
         raise UsageError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     settings = json.dumps(describe(config), indent=2, default=str)
-    storage.atomic_write(out / "pipeline.json", lambda tmp: tmp.write_text(settings))
+    files.atomic_write(out / "pipeline.json", lambda tmp: tmp.write_text(settings))
     skipped = []
 
     real = Path(collect_config.out)

@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from carsynth import storage
+from carsynth.devices import resolve_device
 from carsynth.models import Discriminator, Generator
-from carsynth.train import TrainConfig, resolve_device, train
+from carsynth.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

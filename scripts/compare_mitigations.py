@@ -1,10 +1,10 @@
 """Mode collapse: train the DCGAN with each mitigation on the same data, budget and seeds; compare.
 
-Every variant is one :class:`carsynth.train.TrainConfig` that differs from the baseline only in
+Every variant is one :class:`carsynth.training.TrainConfig` that differs from the baseline only in
 its mitigation flags (network sizes, batch, generator steps, seed and data are shared). After
 training, ``--samples`` frames from each run's EMA generator (fixed latents, the same for every
 variant) are judged by :func:`carsynth.validate.validate_frames` against the run's own training
-and held-out frames (:func:`carsynth.train.run_frames`): NDB/K and JS divergence (Richardson &
+and held-out frames (:func:`carsynth.rundir.run_frames`): NDB/K and JS divergence (Richardson &
 Weiss 2018), the nearest-neighbour collapse ratio and near-duplicate share, the copying share,
 and the pass/fail verdict ``carsynth validate`` would give. Runs also carry the collapse monitor
 (:mod:`carsynth.monitor`), whose curves go into the JSON.
@@ -106,7 +106,7 @@ class CompareConfig:
 
 def train_config(c: CompareConfig, variant: str, seed: int):
     """The TrainConfig of one run: the preset's sizes, the variant's flags, the seed."""
-    from carsynth.train import TrainConfig
+    from carsynth.training import TrainConfig
 
     p = c.preset
     interval = p.monitor_interval
@@ -134,8 +134,9 @@ def check(c: CompareConfig) -> None:
 
 def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     """Train (or resume) one run, validate its samples; its result row and the samples."""
+    from carsynth.rundir import load_generator, run_frames
     from carsynth.sampling import generate_frames
-    from carsynth.train import load_generator, run_frames, train
+    from carsynth.training import train
     from carsynth.validate import ValidationConfig, validate_frames
 
     config = train_config(c, variant, seed)
