@@ -354,7 +354,9 @@ class FrameFile:
         if self.episodes is None:
             self.episode_mask(split)
             return [(0, self.num_frames)] if self.num_frames else []
-        chosen = self.episodes[self.episode_mask(split)]
+        if split != "all":
+            return self.split_ranges()[split]  # THE split: one definition
+        chosen = self.episodes
         return [
             (int(s), int(s + n))
             for s, n in zip(chosen["start"], chosen["length"], strict=True)
@@ -378,13 +380,15 @@ class FrameFile:
         """
         if self.episodes is None:
             return {"train": self.frame_ranges("all"), "holdout": []}
-        held = set(self.holdout_seeds() if holdout_seeds is None else holdout_seeds)
+        if holdout_seeds is None:
+            held = self.episodes["holdout"].astype(bool)
+        else:
+            held = np.isin(self.episodes["seed"].astype(int), list(holdout_seeds))
         out: dict[str, Ranges] = {"train": [], "holdout": []}
-        for row in self.episodes:
+        for row, is_held in zip(self.episodes, held, strict=True):
             if row["length"]:
                 a = int(row["start"])
-                split = "holdout" if int(row["seed"]) in held else "train"
-                out[split].append((a, a + int(row["length"])))
+                out["holdout" if is_held else "train"].append((a, a + int(row["length"])))
         return out
 
     def read_ranges(self, ranges: Ranges) -> np.ndarray:

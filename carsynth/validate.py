@@ -47,7 +47,7 @@ class ValidationConfig:
 
     k: int = _option(100, "NDB: K-means bins")
     alpha: float = _option(0.05, "NDB: significance level of each bin's two-proportion z-test")
-    seed: int = _option(0, "seeds every subsample, K-means, PCA and the fallback holdout split")
+    seed: int = _option(0, "seeds every subsample, K-means and PCA")
     max_ndb_excess: float = _option(
         0.10, "fail when generated NDB/K exceeds the real-vs-real NDB/K by more than this"
     )
@@ -73,9 +73,6 @@ class ValidationConfig:
     max_copy_share: float = _option(
         0.05, "copying: fail when a larger share of generated frames are copies"
     )
-    holdout_fraction: float = _option(
-        0.1, "real files without holdout episodes: share of episodes held out (seeded)"
-    )
     pairs: int = _option(32, "report: closest generated/training pairs in the grid")
     device: str | None = _option(None, "torch device (default: cuda when available, else cpu)")
 
@@ -84,7 +81,7 @@ class ValidationConfig:
             raise UsageError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.k < 2:
             raise UsageError(f"--k must be at least 2, got {self.k}")
-        for name in ("alpha", "duplicate_quantile", "copy_quantile", "holdout_fraction"):
+        for name in ("alpha", "duplicate_quantile", "copy_quantile"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1)")
         if self.device is not None:
@@ -278,34 +275,24 @@ def write_report(
     return report_dir
 
 
-def _episodes(f: storage.FrameFile, rows: np.ndarray) -> np.ndarray:
-    parts = [f.frames[int(r["start"]) : int(r["start"] + r["length"])] for r in rows]
-    return np.concatenate(parts) if parts else np.zeros((0, *f.frame_size, 3), np.uint8)
-
-
-def real_splits(
-    f: storage.FrameFile, holdout_fraction: float = 0.1, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, str]:
+def real_splits(f: storage.FrameFile) -> tuple[np.ndarray, np.ndarray, str]:
     """Training and held-out frames of a real file, and how the split was made.
 
-    The file's holdout episodes when it has any. Otherwise a seeded ``holdout_fraction`` of its
-    episodes (at least one, never all): whole episodes, because consecutive frames of one
-    episode are near-duplicates, and holding out single frames would make held-out frames
-    look like copies of training frames.
+    THE split (``FrameFile.split_ranges``): the file's holdout episodes, whole episodes because
+    consecutive frames of one episode are near-duplicates. A file without any is a UsageError:
+    there is no honest held-out set to judge generated frames against.
     """
     if f.kind != "real" or f.episodes is None:
         raise UsageError(f"{f.path}: --real must be a real frame file, this one is {f.kind}")
-    table = f.episodes[f.episodes["length"] > 0]
-    if table["holdout"].any():
-        return f.read("train"), f.read("holdout"), "holdout episodes of the file"
-    if len(table) < 2:
-        raise UsageError(f"{f.path}: no holdout episodes and fewer than 2 episodes to split")
-    rng = np.random.default_rng(seed)
-    count = min(len(table) - 1, max(1, round(holdout_fraction * len(table))))
-    held = np.zeros(len(table), bool)
-    held[rng.permutation(len(table))[:count]] = True
-    how = f"seeded split: {count} of {len(table)} episodes held out (seed {seed})"
-    return _episodes(f, table[~held]), _episodes(f, table[held]), how
+    ranges = f.split_ranges()
+    if not ranges["holdout"]:
+        raise UsageError(
+            f"{f.path}: no holdout episodes to validate against; collect with --holdout F "
+            f"(or validate a run's samples with carsynth export, which uses the split that "
+            f"train --holdout F chose)"
+        )
+    train, holdout = f.read_ranges(ranges["train"]), f.read_ranges(ranges["holdout"])
+    return train, holdout, "holdout episodes of the file"
 
 
 def validate_files(
@@ -325,7 +312,7 @@ def validate_files(
     if report_dir is not None:
         check_report_dir(report_dir, overwrite)
     with storage.open_frame_file(real) as f:
-        train, holdout, how = real_splits(f, config.holdout_fraction, config.seed)
+        train, holdout, how = real_splits(f)
     with storage.open_frame_file(fake) as f:
         generated = f.read("all")
     _check_inputs(
