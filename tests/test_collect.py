@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -276,3 +277,33 @@ def test_readers_and_a_second_writer_never_disturb_a_collect(tmp_path):
     full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=8, workers=1,
                                  max_steps=90, progress=False))  # fmt: skip
     assert_same_contents(path, full)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_and_prints_the_resume_command(tmp_path, signum):
+    out = tmp_path / "a.h5"
+    args = ["collect", "--out", str(out), "--episodes", "6", "--workers", "2", "--max-steps",
+            "90", "--no-progress", "--overwrite"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "carsynth", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    stored, deadline = 0, time.monotonic() + 120
+    while stored < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            with storage.open_frame_file(out) as f:
+                stored = f.num_episodes
+        except UsageError:
+            pass
+    process.send_signal(signum)
+    assert process.wait(timeout=60) == 130
+    (line,) = process.stderr.read().splitlines()
+    command = line.partition("continue with: ")[2]
+    assert command == shlex.join(["carsynth", *args[:-1], "--resume"])
+    with storage.open_frame_file(out) as f:  # whole episodes only, the file closed cleanly
+        assert 2 <= f.num_episodes < 6 and f.num_frames == 40 * f.num_episodes
+    h5py.File(out, "r").close()
+    assert run_cli(*shlex.split(command)[1:]).returncode == 0
+    full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=6, workers=1,
+                                 max_steps=90, progress=False))  # fmt: skip
+    assert_same_contents(out, full)

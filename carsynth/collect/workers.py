@@ -10,6 +10,7 @@ episodes, which is what ``--resume`` continues from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -197,20 +198,27 @@ def run_episode(job: EpisodeJob) -> storage.Episode:
     )
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C goes to the main process, which stops the pool itself; workers must not print
-    # their own KeyboardInterrupt tracebacks.
+def _ignore_interrupts() -> None:
+    # Ctrl-C (to the whole process group) and a cluster's SIGTERM are the main process's to
+    # handle: it stops the workers itself. Workers must not print KeyboardInterrupt tracebacks
+    # nor die first and make the main process report a broken pool instead of the interrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
-    """Run jobs on ``workers`` processes; yield episodes in job order, a bounded window ahead."""
+    """Run jobs on ``workers`` processes; yield episodes in job order, a bounded window ahead.
+
+    If the caller stops early (an interrupt), episodes still running are dropped: their worker
+    processes are killed at once instead of being waited for.
+    """
     if workers == 1:
         for job in todo:
             yield run_episode(job)
         return
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    others = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
     pending: deque[Future] = deque()
     try:
         for job in todo:
@@ -225,6 +233,9 @@ def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episo
             yield episode
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        if pending:
+            for process in set(multiprocessing.active_children()) - others:
+                process.kill()
 
 
 @functools.cache
@@ -321,6 +332,16 @@ def _open_output(
     )  # fmt: skip
 
 
+def _append_uninterrupted(writer: storage.FrameWriter, episode: storage.Episode) -> None:
+    """Append an episode with SIGINT and SIGTERM held back until it is written whole."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        writer.append_episode(episode)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
     """Run the episodes the file does not hold yet and append them in order."""
     episode_numbers = config.episode_range()[writer.num_episodes :]
@@ -342,9 +363,9 @@ def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
         desc="collect", disable=not config.progress, dynamic_ncols=True,
     )  # fmt: skip
     frames, start = 0, time.perf_counter()
-    with bar:
-        for episode in _ordered(jobs, workers):
-            writer.append_episode(episode)
+    with bar, contextlib.closing(_ordered(jobs, workers)) as episodes:
+        for episode in episodes:
+            _append_uninterrupted(writer, episode)
             frames += len(episode)
             elapsed = time.perf_counter() - start
             bar.set_postfix(frames=frames, fps=f"{frames / elapsed:.0f}")
