@@ -121,11 +121,14 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", metavar="PNG", help="write a contact sheet of frames to PNG")
     p.add_argument("--grid-size", type=int, default=64, help="frames in the contact sheet")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --grid PNG")
 
 
 def _info(args: argparse.Namespace) -> int:
-    from carsynth.info import describe, write_grid
+    from carsynth.info import check_grid, describe, write_grid
 
+    if args.grid:
+        check_grid(args.grid, args.grid_size, args.overwrite)
     summary = describe(args.file)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -142,7 +145,7 @@ def _info(args: argparse.Namespace) -> int:
         if shortened:
             print("(long attributes shortened; --json prints them whole)")
     if args.grid:
-        write_grid(args.file, args.grid, count=args.grid_size)
+        write_grid(args.file, args.grid, count=args.grid_size, overwrite=args.overwrite)
         print(f"wrote {args.grid}")
     return 0
 
@@ -448,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     except UsageError as error:
-        print(f"carsynth: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever a library put in it
+        print(f"carsynth: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("carsynth: interrupted; what was finished is stored", file=sys.stderr)

@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -263,6 +266,49 @@ def _open_append(path: str | os.PathLike) -> h5py.File:
             time.sleep(0.1)
 
 
+# errno values that mean "no room": the disk is full, the user's quota is used up, or the file
+# reached the process's size limit (ulimit -f).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _no_space(error: Exception) -> int | None:
+    """The errno of a full disk in an h5py error (HDF5 reports it in the message), else None."""
+    found = re.search(r"errno = (\d+)", str(error))
+    code = int(found.group(1)) if found else getattr(error, "errno", None)
+    return code if code in NO_SPACE else None
+
+
+def _detach(h5: h5py.File) -> None:
+    """Point an open file's descriptor at /dev/null, so that closing it writes nothing more.
+
+    After a failed write (disk full) HDF5 would retry its pending writes at close, fail again
+    and crash the interpreter (a segfault, exit 139). What is on disk was flushed in SWMR order
+    and stays readable, like the file of a killed writer.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, h5.id.get_vfd_handle())
+    os.close(null)
+
+
+def _close_after(h5: h5py.File, error: BaseException) -> None:
+    """Close a file being written after ``error``: detached first if the disk is full."""
+    if _no_space(error) is not None:
+        _detach(h5)
+    h5.close()
+
+
+@contextlib.contextmanager
+def _no_space_is_one_line(path: Path, what: str) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into a :class:`UsageError` saying ``what`` now."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        code = _no_space(error)
+        if code is None:
+            raise
+        raise UsageError(f"{path}: {os.strerror(code).lower()}; {what}") from None
+
+
 class FrameWriter:
     """Appends to a frame file held open in SWMR-write mode until :meth:`close`.
 
@@ -299,14 +345,15 @@ class FrameWriter:
         path = check_writable(path, overwrite)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            h5 = h5py.File(tmp, "w", libver="latest")
-            try:
-                _build(h5, kind, frame_size, action_dim, attrs)
-                writer = cls(h5)
-                os.replace(tmp, path)
-            except BaseException:
-                h5.close()
-                raise
+            with _no_space_is_one_line(path, "nothing written"):
+                h5 = h5py.File(tmp, "w", libver="latest")
+                try:
+                    _build(h5, kind, frame_size, action_dim, attrs)
+                    writer = cls(h5)
+                    os.replace(tmp, path)
+                except BaseException as error:
+                    _close_after(h5, error)
+                    raise
         finally:
             tmp.unlink(missing_ok=True)
         writer.path = path
@@ -317,8 +364,29 @@ class FrameWriter:
         """A writer appending to an existing, whole file (run :func:`repair` on a killed one)."""
         return cls(_open_append(path))
 
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self) -> Iterator[None]:
+        """Turn a full disk into a :class:`UsageError`; the file keeps what was appended."""
+        what = (
+            f"the file keeps its {self.num_episodes} whole episodes; free space, then continue "
+            "with --resume"
+            if "episodes" in self.h5
+            else "free space and retry"
+        )
+        with _no_space_is_one_line(self.path, what):
+            try:
+                yield
+            except (OSError, RuntimeError) as error:
+                if _no_space(error) is not None:
+                    _detach(self.h5)
+                raise
+
     def append_episode(self, episode: Episode) -> None:
         """Append one whole episode: its steps, flushed, then its row in the episode table."""
+        with self._disk_full_is_one_line():
+            self._append_episode(episode)
+
+    def _append_episode(self, episode: Episode) -> None:
         h5, end = self.h5, self.num_frames
         _extend(h5["frames"], episode.frames, end)
         _extend(h5["actions"], episode.actions.astype(np.float32), end)
@@ -335,7 +403,8 @@ class FrameWriter:
 
     def append_frames(self, frames: np.ndarray) -> None:
         """Append frames to a synthetic file."""
-        _extend(self.h5["frames"], frames, self.num_frames)
+        with self._disk_full_is_one_line():
+            _extend(self.h5["frames"], frames, self.num_frames)
         self.num_frames += len(frames)
 
     def close(self) -> None:
@@ -437,13 +506,26 @@ def _rewrite_interrupted(path: Path) -> None:
     """
 
     def copy(tmp: Path) -> None:
-        with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
-            for key, value in src.attrs.items():
-                dst.attrs[key] = value
-            for name in src:
-                src.copy(src[name], dst, name=name)
+        with h5py.File(path, "r", swmr=True) as src:
+            dst = h5py.File(tmp, "w", libver="latest")
+            try:
+                for key, value in src.attrs.items():
+                    dst.attrs[key] = value
+                for name in src:
+                    src.copy(src[name], dst, name=name)
+            except BaseException as error:
+                _close_after(dst, error)
+                raise
+            dst.close()
 
-    atomic_write(path, copy)
+    size, free = path.stat().st_size, shutil.disk_usage(path.parent).free
+    if free < size:
+        raise UsageError(
+            f"{path}: repairing it needs {size / 2**20:.1f} MiB free beside it, "
+            f"{free / 2**20:.1f} MiB are; free space and retry"
+        )
+    with _no_space_is_one_line(path, "left as it was; free space and retry"):
+        atomic_write(path, copy)
 
 
 def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
@@ -516,6 +598,12 @@ class FrameFile:
             self.episodes = self.h5["episodes"][:]
             if self.episodes.dtype.names != EPISODE_DTYPE.names:
                 raise self._fail("episode table has the wrong columns")
+            negative = np.flatnonzero(self.episodes["length"] < 0)
+            if len(negative):
+                first = self.episodes[negative[0]]
+                raise self._fail(
+                    f"episode {negative[0]} (seed {first['seed']}) has length {first['length']}"
+                )
             starts = np.concatenate([[0], np.cumsum(self.episodes["length"])[:-1]])
             if len(self.episodes) and not np.array_equal(starts, self.episodes["start"]):
                 raise self._fail("episode table is not contiguous")
@@ -525,6 +613,13 @@ class FrameFile:
                     raise self._fail(
                         f"'{name}' is shorter than the episode table (truncated file?)"
                     )
+
+    def rows(self, name: str, index: Any) -> np.ndarray:
+        """``index`` of dataset ``name``; a damaged chunk raises :class:`UsageError`."""
+        try:
+            return self.h5[name][index]
+        except (OSError, RuntimeError) as error:
+            raise UsageError(f"{self.path}: cannot read '{name}' (damaged? {error})") from None
 
     @property
     def num_episodes(self) -> int:
@@ -569,7 +664,7 @@ class FrameFile:
                 b = min(b, a + limit - total)
             if b <= a:
                 break
-            parts.append(self.frames[a:b])
+            parts.append(self.rows("frames", slice(a, b)))
             total += b - a
         if not parts:
             return np.zeros((0, *self.frame_size, 3), dtype=np.uint8)
@@ -679,16 +774,15 @@ def merge(
 
 def iter_episodes(frame_file: FrameFile) -> Iterable[Episode]:
     """The episodes of a real file, one at a time (memory holds one episode)."""
-    h5 = frame_file.h5
     for row in frame_file.episodes:
-        a, b = int(row["start"]), int(row["start"] + row["length"])
+        steps = slice(int(row["start"]), int(row["start"] + row["length"]))
         yield Episode(
             seed=int(row["seed"]),
-            frames=h5["frames"][a:b],
-            actions=h5["actions"][a:b],
-            rewards=h5["rewards"][a:b],
-            terminated=h5["terminated"][a:b],
-            truncated=h5["truncated"][a:b],
+            frames=frame_file.rows("frames", steps),
+            actions=frame_file.rows("actions", steps),
+            rewards=frame_file.rows("rewards", steps),
+            terminated=frame_file.rows("terminated", steps),
+            truncated=frame_file.rows("truncated", steps),
             holdout=bool(row["holdout"]),
         )
 

@@ -101,9 +101,15 @@ def check_config(config: CollectConfig) -> None:
         (config.episodes >= 1, "--episodes must be at least 1"),
         (config.workers >= 0, "--workers must be 0 (all cores) or more"),
         (8 <= config.size <= 512, "--size must be between 8 and 512"),
+        (config.seed >= 0, "--seed must be 0 or more (gymnasium seeds are non-negative)"),
         (config.skip_frames >= 0, "--skip-frames must be 0 or more"),
         (config.frame_skip >= 1, "--frame-skip must be at least 1"),
         (config.max_steps >= 1, "--max-steps must be at least 1"),
+        (
+            config.skip_frames < config.max_steps,
+            f"--skip-frames {config.skip_frames} must be less than --max-steps "
+            f"{config.max_steps}: no step would be recorded",
+        ),
         (0.0 <= config.holdout < 1.0, "--holdout must be in [0, 1)"),
         (config.renderer in ("fast", "stock"), "--renderer must be fast or stock"),
         (0 < config.lap_complete_percent <= 1, "--lap-complete-percent must be in (0, 1]"),
