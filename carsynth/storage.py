@@ -368,10 +368,10 @@ class FrameWriter:
     def _disk_full_is_one_line(self) -> Iterator[None]:
         """Turn a full disk into a :class:`UsageError`; the file keeps what was appended."""
         what = (
-            f"the file keeps its {self.num_episodes} whole episodes; free space, then continue "
+            f"the file keeps its {self.num_episodes} whole episodes; make room, then continue "
             "with --resume"
             if "episodes" in self.h5
-            else "free space and retry"
+            else "make room and retry"
         )
         with _no_space_is_one_line(self.path, what):
             try:
