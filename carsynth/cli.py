@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from carsynth import __version__
 from carsynth.errors import UsageError
+from carsynth.progress import configure_logging
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,11 +61,14 @@ def _collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", default="0/1", help="I/N: collect the I-th of N seed blocks")
     p.add_argument("--resume", action="store_true", help="continue an interrupted file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
 
 
 def _collect(args: argparse.Namespace) -> int:
     from carsynth.collect.workers import CollectConfig, collect, parse_shard
+
+    configure_logging(quiet=args.quiet)
 
     config = CollectConfig(
         out=args.out, episodes=args.episodes, workers=args.workers, policy=args.policy,
@@ -73,7 +77,8 @@ def _collect(args: argparse.Namespace) -> int:
         env_id=args.env_id, domain_randomize=args.domain_randomize,
         lap_complete_percent=args.lap_complete_percent, max_steps=args.max_steps,
         renderer=args.renderer, holdout=args.holdout, shard=parse_shard(args.shard),
-        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        resume=args.resume, overwrite=args.overwrite,
+        progress=not (args.no_progress or args.quiet),
     )  # fmt: skip
     try:
         path = collect(config)
@@ -445,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = next((a for a in argv if not a.startswith("-")), None)
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         args.argv = argv
+        configure_logging()
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return COMMANDS[args.command][2](args)

@@ -28,12 +28,12 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from tqdm import tqdm
 
 from carsynth import storage
 from carsynth.collect.frames import EnvSettings, FrameSettings, process_frame
 from carsynth.collect.policies import make_policy, policy_params
 from carsynth.errors import UsageError
+from carsynth.progress import Progress, log
 
 # Settings that must match for --resume to continue a file (and for shards to merge).
 RESUME_KEYS = (
@@ -291,7 +291,7 @@ def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> N
     if seeds != expected:
         raise UsageError(f"--resume: the episodes in {path} are not this run's first episodes")
     if dropped:
-        print(f"resume: dropped {dropped} frames of an episode cut short by the last run")
+        log.info(f"resume: dropped {dropped} frames of an episode cut short by the last run")
 
 
 def collect(config: CollectConfig) -> Path:
@@ -364,15 +364,14 @@ def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
     )
     workers = config.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(episode_numbers)))
-    bar = tqdm(
-        total=len(config.episode_range()), initial=writer.num_episodes, unit="ep",
-        desc="collect", disable=not config.progress, dynamic_ncols=True,
+    progress = Progress(
+        len(config.episode_range()), desc="collect", unit="ep", initial=writer.num_episodes,
+        mode="auto" if config.progress else "off",
     )  # fmt: skip
     frames, start = 0, time.perf_counter()
-    with bar, contextlib.closing(_ordered(jobs, workers)) as episodes:
+    with progress, contextlib.closing(_ordered(jobs, workers)) as episodes:
         for episode in episodes:
             _append_uninterrupted(writer, episode)
             frames += len(episode)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(frames=frames, fps=f"{frames / elapsed:.0f}")
-            bar.update(1)
+            fps = frames / (time.perf_counter() - start)
+            progress.update(1, frames=frames, fps=f"{fps:.0f}")
