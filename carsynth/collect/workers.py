@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -204,12 +205,24 @@ def run_episode(job: EpisodeJob) -> storage.Episode:
     )
 
 
-def _ignore_interrupts() -> None:
+def _init_worker(parent: int) -> None:
     # Ctrl-C (to the whole process group) and a cluster's SIGTERM are the main process's to
     # handle: it stops the workers itself. Workers must not print KeyboardInterrupt tracebacks
     # nor die first and make the main process report a broken pool instead of the interrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker when the main process is gone (killed with SIGKILL, say).
+
+    A worker holds both ends of its job queue's pipe, so it never sees end-of-file and would
+    wait for jobs forever (found by scripts/reliability_battery.py: two orphans per kill).
+    """
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
@@ -224,7 +237,9 @@ def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episo
         return
     context = multiprocessing.get_context("spawn")
     others = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
+    )
     pending: deque[Future] = deque()
     try:
         for job in todo:
