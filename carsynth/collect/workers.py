@@ -312,7 +312,10 @@ def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> N
 def collect(config: CollectConfig) -> Path:
     """Collect ``config.episodes`` episodes (this shard's part of them) into ``config.out``.
 
-    Returns the output path. Raises :class:`UsageError` for bad settings before writing anything.
+    Returns the output path. Raises :class:`UsageError` for bad settings before writing anything,
+    and when another process is writing ``config.out``. ``KeyboardInterrupt`` (Ctrl-C; the CLI
+    turns SIGTERM into one) stops at once: episodes in flight are dropped, the file keeps the
+    finished ones, and ``resume=True`` continues it.
     """
     check_config(config)
     make_policy(config.policy, config.policy_args)  # fail early on a bad policy
