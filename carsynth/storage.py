@@ -242,7 +242,8 @@ def create_frame_file(
     return atomic_write(path, build)
 
 
-# How long opening a file for appending waits for a reader that holds it without SWMR.
+# How long opening a file waits for another process: a writer for a reader that holds HDF5's
+# lock, a reader for a writer that has not switched to SWMR mode yet.
 OPEN_WAIT_SECONDS = 10.0
 
 
@@ -544,15 +545,22 @@ def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
     ``cache_bytes`` sizes the per-dataset chunk cache (``None``: HDF5's default, 1 MiB before
     HDF5 2.0 and 8 MiB since).
     """
-    try:
-        h5py.File(path, "r", locking=False).close()
-    except OSError as error:
-        if "already open for write" not in str(error):
-            raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
-    try:
-        return h5py.File(path, "r", swmr=True, locking=False, rdcc_nbytes=cache_bytes)
-    except OSError as error:
-        raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
+    deadline = time.monotonic() + OPEN_WAIT_SECONDS
+    while True:
+        try:
+            h5py.File(path, "r", locking=False).close()
+        except OSError as error:
+            if "already open for write" not in str(error):
+                raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
+        try:
+            return h5py.File(path, "r", swmr=True, locking=False, rdcc_nbytes=cache_bytes)
+        except OSError as error:
+            # A writer between opening the file and switching to SWMR mode (milliseconds).
+            if "not already open for SWMR writing" not in str(error):
+                raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
+            if time.monotonic() > deadline:
+                raise UsageError(f"{path}: being written without SWMR; retry later") from None
+        time.sleep(0.01)
 
 
 class FrameFile:

@@ -248,3 +248,23 @@ def test_a_reader_holding_the_file_never_blocks_its_writer(tmp_path):
         np.testing.assert_array_equal(reader.read(), make_episode(0, 3).frames)
     with storage.open_frame_file(path) as f:
         assert list(f.episodes["seed"]) == [0, 1]
+
+
+def test_readers_wait_out_a_writer_switching_to_swmr(tmp_path):
+    # Between opening a file and turning SWMR on, a writer's file refused SWMR readers ("file is
+    # not already open for SWMR writing"): 869 failed opens of 1,538 in 8 s of reopening.
+    path = tmp_path / "a.h5"
+    new_file(path)
+    reopen = (
+        "import sys, time; from carsynth import storage\n"
+        "end = time.monotonic() + 3\n"
+        "while time.monotonic() < end:\n"
+        "    storage.FrameWriter.open(sys.argv[1]).close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writer = subprocess.Popen([sys.executable, "-c", reopen, str(path)], env=env)
+    opened = 0
+    while writer.poll() is None:
+        with storage.open_frame_file(path) as f:
+            opened += f.num_frames == 0
+    assert writer.returncode == 0 and opened > 10
