@@ -38,6 +38,7 @@ from carsynth import __version__
 from carsynth.errors import UsageError
 
 SCHEMA_VERSION = 1
+READABLE_VERSIONS = (1, 2)
 KINDS = ("real", "synthetic")
 
 # Chosen with scripts/bench_storage.py (numbers in README.md, "HDF5 schema"): training reads
@@ -48,7 +49,11 @@ FRAME_CHUNK = 8
 COMPRESSION = "gzip"
 COMPRESSION_OPTS = 4
 
-EPISODE_DTYPE = np.dtype(
+# The episode table. ``start`` is the episode's first row of the frame dataset, ``step_start``
+# its first row of the step datasets, ``length`` its number of steps (actions). Version 2 stores
+# ``length + 1`` observations per episode (the last: the observation after the last action) and
+# adds ``step_start``; in version 1 an episode has ``length`` frames and steps, both at ``start``.
+EPISODE_DTYPE_V1 = np.dtype(
     [
         ("start", "<i8"),
         ("length", "<i8"),
@@ -57,25 +62,50 @@ EPISODE_DTYPE = np.dtype(
         ("holdout", "?"),
     ]
 )
-STEP_DATASETS = ("actions", "rewards", "terminated", "truncated")
+EPISODE_DTYPE = np.dtype([*EPISODE_DTYPE_V1.descr, ("step_start", "<i8")])
+# Step datasets under their schema-v2 names (Minari's and gymnasium's), and the names version 1
+# used for the same data.
+STEP_DATASETS = ("actions", "rewards", "terminations", "truncations")
+V1_NAMES = {"terminations": "terminated", "truncations": "truncated"}
 Split = Literal["all", "train", "holdout"]
+
+
+def dataset_names(version: int, kind: str) -> dict[str, str]:
+    """Where the data of a file of this schema version and kind lives: concept -> dataset name.
+
+    ``frames`` is the frame dataset (``observations`` in a version-2 real file, ``frames``
+    otherwise); real files add the step datasets (:data:`STEP_DATASETS`) and ``episodes``.
+    """
+    if kind != "real":
+        return {"frames": "frames"}
+    names = {"frames": "observations" if version >= 2 else "frames", "episodes": "episodes"}
+    for name in STEP_DATASETS:
+        names[name] = V1_NAMES.get(name, name) if version == 1 else name
+    return names
 
 
 @dataclass
 class Episode:
-    """One whole episode as the collector hands it to the writer."""
+    """One whole episode: T actions and the T + 1 observations around them.
+
+    ``observations[t]`` is the observation action ``t`` was taken on and ``observations[T]`` the
+    one after the last action (an episode read from a version-1 file lacks it: T observations).
+    ``rewards[t]``, ``terminations[t]`` and ``truncations[t]`` are what the env returned for
+    action ``t`` (the names and layout of Minari's ``EpisodeData``).
+    """
 
     seed: int
-    frames: np.ndarray  # uint8 (T, H, W, 3)
+    observations: np.ndarray  # uint8 (T + 1, H, W, 3)
     actions: np.ndarray  # float32 (T, A)
     rewards: np.ndarray  # float32 (T,)
-    terminated: np.ndarray  # bool (T,)
-    truncated: np.ndarray  # bool (T,)
+    terminations: np.ndarray  # bool (T,)
+    truncations: np.ndarray  # bool (T,)
     holdout: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.frames.shape[0])
+        """The number of steps T."""
+        return int(self.actions.shape[0])
 
 
 def is_holdout(seed: int, fraction: float) -> bool:
@@ -201,7 +231,7 @@ def create_frame_file(
                         name, shape=(0,), maxshape=(None,), dtype=bool, chunks=(step_chunk,)
                     )
                 h5.create_dataset(
-                    "episodes", shape=(0,), maxshape=(None,), dtype=EPISODE_DTYPE, chunks=(256,)
+                    "episodes", shape=(0,), maxshape=(None,), dtype=EPISODE_DTYPE_V1, chunks=(256,)
                 )
             base = {
                 "schema_version": SCHEMA_VERSION,
@@ -235,14 +265,14 @@ def append_episodes(path: str | os.PathLike, episodes: Iterable[Episode]) -> int
         end = int(table[-1]["start"] + table[-1]["length"]) if count else 0
         for episode in episodes:
             length = len(episode)
-            _extend(h5["frames"], episode.frames, end)
+            _extend(h5["frames"], episode.observations, end)
             _extend(h5["actions"], episode.actions.astype(np.float32), end)
             _extend(h5["rewards"], episode.rewards.astype(np.float32), end)
-            _extend(h5["terminated"], episode.terminated.astype(bool), end)
-            _extend(h5["truncated"], episode.truncated.astype(bool), end)
+            _extend(h5["terminated"], episode.terminations.astype(bool), end)
+            _extend(h5["truncated"], episode.truncations.astype(bool), end)
             row = np.array(
                 [(end, length, episode.seed, float(episode.rewards.sum()), episode.holdout)],
-                dtype=EPISODE_DTYPE,
+                dtype=EPISODE_DTYPE_V1,
             )
             _extend(table, row, count)
             count += 1
@@ -296,10 +326,14 @@ def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
 
 
 class FrameFile:
-    """A schema-v1 frame file opened for reading, with its contents checked.
+    """A frame file (schema version 1 or 2) opened for reading, with its contents checked.
 
-    Use as a context manager. ``frames`` is the h5py dataset (read slices of it); ``episodes`` the
-    episode table as a NumPy structured array (real files) or ``None`` (synthetic files).
+    Use as a context manager. ``frames`` is the h5py frame dataset (``observations`` in a
+    version-2 real file; read slices of it), ``steps`` the step datasets of a real file under
+    their version-2 names (:data:`STEP_DATASETS`, whatever the file's version), ``episodes`` the
+    episode table as a NumPy structured array with :data:`EPISODE_DTYPE` (a version-1 table gets
+    ``step_start = start``) or ``None`` (synthetic files). ``final_observations`` says whether
+    each episode has its observation after the last action (version 2) or not (version 1).
     ``cache_bytes`` sizes the chunk cache, for readers of single frames (see carsynth.data).
     """
 
@@ -319,44 +353,65 @@ class FrameFile:
 
     def _check(self) -> None:
         self.attrs = read_attrs(self.h5)
-        version = self.attrs.get("schema_version")
-        if version is None or "kind" not in self.attrs:
+        self.version = self.attrs.get("schema_version")
+        if self.version is None or "kind" not in self.attrs:
             raise self._fail("no schema_version/kind attributes")
-        if version != SCHEMA_VERSION:
-            raise self._fail(f"schema version {version}, this carsynth reads {SCHEMA_VERSION}")
+        if self.version not in READABLE_VERSIONS:
+            raise self._fail(
+                f"schema version {self.version}, this carsynth reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+            )
         self.kind = self.attrs["kind"]
         if self.kind not in KINDS:
             raise self._fail(f"kind {self.kind!r}")
-        if "frames" not in self.h5 or not isinstance(self.h5["frames"], h5py.Dataset):
-            raise self._fail("no 'frames' dataset")
-        self.frames: h5py.Dataset = self.h5["frames"]
+        self.names = dataset_names(self.version, self.kind)
+        name = self.names["frames"]
+        if name not in self.h5 or not isinstance(self.h5[name], h5py.Dataset):
+            raise self._fail(f"no '{name}' dataset")
+        self.frames: h5py.Dataset = self.h5[name]
         if self.frames.dtype != np.uint8 or self.frames.ndim != 4 or self.frames.shape[3] != 3:
             raise self._fail(
-                f"'frames' must be uint8 (N, H, W, 3), got {self.frames.dtype} {self.frames.shape}"
+                f"'{name}' must be uint8 (N, H, W, 3), got {self.frames.dtype} {self.frames.shape}"
             )
         self.frame_size = (int(self.frames.shape[1]), int(self.frames.shape[2]))
         if list(self.frame_size) != list(self.attrs.get("frame_size", [])):
             raise self._fail(
                 f"frames are {self.frame_size}, attribute says {self.attrs.get('frame_size')}"
             )
+        self.final_observations = self.kind == "real" and self.version >= 2
         self.episodes: np.ndarray | None = None
+        self.steps: dict[str, h5py.Dataset] = {}
         self.num_frames = int(self.frames.shape[0])
+        self.num_steps = 0
         if self.kind == "real":
-            for name in (*STEP_DATASETS, "episodes"):
-                if name not in self.h5:
-                    raise self._fail(f"real file without '{name}'")
-            self.episodes = self.h5["episodes"][:]
-            if self.episodes.dtype.names != EPISODE_DTYPE.names:
-                raise self._fail("episode table has the wrong columns")
-            starts = np.concatenate([[0], np.cumsum(self.episodes["length"])[:-1]])
-            if len(self.episodes) and not np.array_equal(starts, self.episodes["start"]):
+            self._check_episodes()
+
+    def _check_episodes(self) -> None:
+        """Read the episode table of a real file and check it against the step datasets."""
+        for concept in (*STEP_DATASETS, "episodes"):
+            if self.names[concept] not in self.h5:
+                raise self._fail(f"real file without '{self.names[concept]}'")
+        self.steps = {name: self.h5[self.names[name]] for name in STEP_DATASETS}
+        stored = self.h5["episodes"][:]
+        expected = EPISODE_DTYPE if self.version >= 2 else EPISODE_DTYPE_V1
+        if set(stored.dtype.names or ()) != set(expected.names):
+            raise self._fail("episode table has the wrong columns")
+        self.episodes = np.zeros(len(stored), dtype=EPISODE_DTYPE)
+        for column in EPISODE_DTYPE.names:
+            self.episodes[column] = stored[column if column in expected.names else "start"]
+        lengths = self.episodes["length"]
+        observations = lengths + int(self.final_observations)
+        for column, counts in (("start", observations), ("step_start", lengths)):
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            if len(self.episodes) and not np.array_equal(starts, self.episodes[column]):
                 raise self._fail("episode table is not contiguous")
-            self.num_frames = int(self.episodes["length"].sum())
-            for name in ("frames", *STEP_DATASETS):
-                if self.h5[name].shape[0] < self.num_frames:
-                    raise self._fail(
-                        f"'{name}' is shorter than the episode table (truncated file?)"
-                    )
+        self.num_frames = int(observations.sum())
+        self.num_steps = int(lengths.sum())
+        for name, need in (("frames", self.num_frames), *((s, self.num_steps) for s in self.steps)):
+            if self.h5[self.names[name]].shape[0] < need:
+                raise self._fail(
+                    f"'{self.names[name]}' is shorter than the episode table (truncated file?)"
+                )
 
     @property
     def num_episodes(self) -> int:
@@ -379,16 +434,14 @@ class FrameFile:
         return holdout if split == "holdout" else ~holdout
 
     def frame_ranges(self, split: Split = "all") -> list[tuple[int, int]]:
-        """Half-open frame index ranges of the split, in file order (whole episodes)."""
+        """Half-open frame index ranges of the split, in file order (whole episodes: in a
+        version-2 file each range ends with the episode's final observation)."""
         if self.episodes is None:
             self.episode_mask(split)
             return [(0, self.num_frames)] if self.num_frames else []
         chosen = self.episodes[self.episode_mask(split)]
-        return [
-            (int(s), int(s + n))
-            for s, n in zip(chosen["start"], chosen["length"], strict=True)
-            if n
-        ]
+        ends = chosen["start"] + chosen["length"] + int(self.final_observations)
+        return [(int(a), int(b)) for a, b in zip(chosen["start"], ends, strict=True) if b > a]
 
     def count(self, split: Split = "all") -> int:
         return sum(b - a for a, b in self.frame_ranges(split))
@@ -406,6 +459,19 @@ class FrameFile:
         if not parts:
             return np.zeros((0, *self.frame_size, 3), dtype=np.uint8)
         return np.concatenate(parts)
+
+    def episode(self, index: int) -> Episode:
+        """Episode ``index`` of a real file, read whole: its observations (``length + 1`` in a
+        version-2 file, ``length`` in a version-1 file: see ``final_observations``) and steps."""
+        row = self.episodes[index]
+        a = int(row["start"])
+        s, t = int(row["step_start"]), int(row["step_start"] + row["length"])
+        return Episode(
+            seed=int(row["seed"]),
+            observations=self.frames[a : a + t - s + int(self.final_observations)],
+            **{name: dataset[s:t] for name, dataset in self.steps.items()},
+            holdout=bool(row["holdout"]),
+        )
 
     def close(self) -> None:
         self.h5.close()
@@ -438,7 +504,8 @@ def repair(path: str | os.PathLike) -> int:
         _rewrite_interrupted(path)
     with FrameFile(path) as frame_file:
         end, trailing = frame_file.num_frames, frame_file.trailing_frames
-        names = ("frames", *STEP_DATASETS) if frame_file.kind == "real" else ()
+        concepts = ("frames", *STEP_DATASETS) if frame_file.steps else ()
+        names = [frame_file.names[n] for n in concepts]
     if trailing:
         with h5py.File(path, "a", libver="latest") as h5:
             for name in names:
@@ -510,25 +577,15 @@ def merge(
 
 def iter_episodes(frame_file: FrameFile) -> Iterable[Episode]:
     """The episodes of a real file, one at a time (memory holds one episode)."""
-    h5 = frame_file.h5
-    for row in frame_file.episodes:
-        a, b = int(row["start"]), int(row["start"] + row["length"])
-        yield Episode(
-            seed=int(row["seed"]),
-            frames=h5["frames"][a:b],
-            actions=h5["actions"][a:b],
-            rewards=h5["rewards"][a:b],
-            terminated=h5["terminated"][a:b],
-            truncated=h5["truncated"][a:b],
-            holdout=bool(row["holdout"]),
-        )
+    for index in range(frame_file.num_episodes):
+        yield frame_file.episode(index)
 
 
 def _write_virtual(path: Path, files: Sequence[FrameFile]) -> None:
     """Replace the (empty) step datasets of ``path`` by virtual datasets over ``files``."""
     total = sum(f.num_frames for f in files)
     with h5py.File(path, "a", libver="latest") as h5:
-        for name in ("frames", *STEP_DATASETS):
+        for name in [files[0].names[n] for n in ("frames", *STEP_DATASETS)]:
             source0 = files[0].h5[name]
             layout = h5py.VirtualLayout(shape=(total, *source0.shape[1:]), dtype=source0.dtype)
             at = 0
@@ -541,5 +598,6 @@ def _write_virtual(path: Path, files: Sequence[FrameFile]) -> None:
             h5.create_virtual_dataset(name, layout)
         table = np.concatenate([f.episodes for f in files])
         table["start"] = np.concatenate([[0], np.cumsum(table["length"])[:-1]])
+        table = table[list(EPISODE_DTYPE_V1.names)].astype(EPISODE_DTYPE_V1)
         del h5["episodes"]
         h5.create_dataset("episodes", data=table, maxshape=(None,), chunks=(256,))

@@ -20,11 +20,11 @@ def make_episode(seed: int, length: int, size: int = 8, holdout: bool = False) -
     rng = np.random.default_rng(seed)
     return storage.Episode(
         seed=seed,
-        frames=rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
+        observations=rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
         actions=rng.normal(size=(length, 3)).astype(np.float32),
         rewards=rng.normal(size=length).astype(np.float32),
-        terminated=np.arange(length) == length - 1,
-        truncated=np.zeros(length, dtype=bool),
+        terminations=np.arange(length) == length - 1,
+        truncations=np.zeros(length, dtype=bool),
         holdout=holdout,
     )
 
@@ -64,13 +64,13 @@ def test_roundtrip_and_splits(tmp_path):
     with storage.open_frame_file(path) as f:
         assert f.num_frames == 12 and f.num_episodes == 3
         assert f.attrs["policy"] == "test"
-        np.testing.assert_array_equal(f.read("holdout"), episodes[1].frames)
-        np.testing.assert_array_equal(f.read("train"), episodes[0].frames)
-        np.testing.assert_array_equal(f.read("all", limit=6)[5], episodes[1].frames[0])
+        np.testing.assert_array_equal(f.read("holdout"), episodes[1].observations)
+        np.testing.assert_array_equal(f.read("train"), episodes[0].observations)
+        np.testing.assert_array_equal(f.read("all", limit=6)[5], episodes[1].observations[0])
         assert f.count("train") == 5 and f.frame_ranges("holdout") == [(5, 12)]
         back = list(storage.iter_episodes(f))
     np.testing.assert_array_equal(back[1].actions, episodes[1].actions)
-    np.testing.assert_array_equal(back[1].terminated, episodes[1].terminated)
+    np.testing.assert_array_equal(back[1].terminations, episodes[1].terminations)
 
 
 def test_create_never_overwrites(tmp_path):
@@ -96,7 +96,7 @@ def test_trailing_frames_are_ignored_and_repaired(tmp_path):
     new_file(path)
     storage.append_episodes(path, [make_episode(0, 4)])
     with h5py.File(path, "a") as h5:  # an episode whose table row never landed
-        for name in ("frames", *storage.STEP_DATASETS):
+        for name in ("frames", "actions", "rewards", "terminated", "truncated"):
             h5[name].resize(9, axis=0)
     with storage.open_frame_file(path) as f:
         assert f.num_frames == 4 and f.trailing_frames == 5
@@ -143,7 +143,7 @@ def test_merge_joins_shards_in_seed_order(tmp_path, virtual):
     with storage.open_frame_file(out) as f:
         assert list(f.episodes["seed"]) == [0, 1, 2]
         assert list(f.episodes["start"]) == [0, 3, 7]
-        np.testing.assert_array_equal(f.read("holdout"), make_episode(2, 5).frames)
+        np.testing.assert_array_equal(f.read("holdout"), make_episode(2, 5).observations)
         np.testing.assert_array_equal(f.h5["actions"][3:7], make_episode(1, 4).actions)
         assert f.attrs["merged_from"]
         assert f.h5["frames"].is_virtual == virtual

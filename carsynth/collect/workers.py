@@ -188,11 +188,13 @@ def run_episode(job: EpisodeJob) -> storage.Episode:
     action_dim = int(np.prod(env.action_space.shape)) or 1
     return storage.Episode(
         seed=job.seed,
-        frames=np.asarray(frames, dtype=np.uint8).reshape(-1, settings.size, settings.size, 3),
+        observations=np.asarray(frames, dtype=np.uint8).reshape(
+            -1, settings.size, settings.size, 3
+        ),
         actions=np.asarray(actions, dtype=np.float32).reshape(-1, action_dim),
         rewards=np.asarray(rewards, dtype=np.float32),
-        terminated=np.asarray(terminated, dtype=bool),
-        truncated=np.asarray(truncated, dtype=bool),
+        terminations=np.asarray(terminated, dtype=bool),
+        truncations=np.asarray(truncated, dtype=bool),
         holdout=storage.is_holdout(job.seed, job.holdout_fraction),
     )
 
