@@ -130,8 +130,12 @@ def test_mixing_ratio_holds(fixture_file, tmp_path, raw):
         synthetic_fraction=0.3,
     )
     assert len(mixed) == 210 and mixed.num_real == 200
-    np.testing.assert_array_equal(mixed[0].numpy(), as_tensors(raw[[600]])[0])
-    np.testing.assert_array_equal(mixed[203].numpy(), as_tensors(fake[[3]])[0])
+    frame, is_synthetic = mixed[0]
+    np.testing.assert_array_equal(frame.numpy(), as_tensors(raw[[600]])[0])
+    assert is_synthetic is False
+    frame, is_synthetic = mixed[203]
+    np.testing.assert_array_equal(frame.numpy(), as_tensors(fake[[3]])[0])
+    assert is_synthetic is True
 
     n, p = 20_000, 0.3
     sampler = mixed.sampler(n, seed=1)
@@ -148,8 +152,12 @@ def test_mixing_ratio_holds(fixture_file, tmp_path, raw):
     np.testing.assert_array_equal(first, list(mixed.sampler(n, seed=1)))
 
     loader = DataLoader(mixed, batch_size=50, sampler=mixed.sampler(400, seed=2))
-    frames = torch.cat(list(loader))
+    batches = list(loader)
+    frames = torch.cat([b[0] for b in batches])
+    flags = torch.cat([b[1] for b in batches])
     drawn = np.array(list(mixed.sampler(400, seed=2)))
+    assert flags.dtype == torch.bool
+    np.testing.assert_array_equal(flags.numpy(), drawn >= 200)  # each item says which it is
     synthetic_values = (drawn[drawn >= 200] - 200).astype(np.float32) / np.float32(255)
     np.testing.assert_array_equal(frames[drawn >= 200, 0, 0, 0], synthetic_values)
 
