@@ -1,32 +1,53 @@
-"""The carsynth frame file: HDF5 schema version 1.
+"""The carsynth frame file: HDF5 schema version 2 (written), versions 1 and 2 (read).
 
-Every file carsynth writes or reads goes through this module. The layout (documented in README.md):
+Every file carsynth writes or reads goes through this module. The layout of a real file (schema
+version 2, in Minari's and gymnasium's names; documented in README.md), E episodes of T_e steps:
 
-``frames``       uint8   (N, H, W, 3)  chunked along N and compressed (``FRAME_CHUNK``)
-``actions``      float32 (N, A)        real files: action i was taken on frame i
-``rewards``      float32 (N,)          real files: reward i followed action i
-``terminated``   bool    (N,)          real files: the env's ``terminated`` after action i
-``truncated``    bool    (N,)          real files: the env's ``truncated`` after action i
-``episodes``     compound (E,)         real files: start, length, seed, return, holdout
+``observations`` uint8   (N + E, H, W, 3) each episode's T_e + 1 observations, the last one the
+                                          observation after its last action; chunked along the
+                                          first axis and compressed (``FRAME_CHUNK``)
+``actions``      float32 (N, A)           action t was taken on the episode's observation t
+``rewards``      float32 (N,)             reward t followed action t
+``terminations`` bool    (N,)             the env's ``terminated`` after action t
+``truncations``  bool    (N,)             the env's ``truncated`` after action t
+``episodes``     compound (E,)            start (first observation row), length (T_e), seed,
+                                          return, holdout, step_start (first step row)
+
+N = sum(T_e). A synthetic file has ``frames`` (N, H, W, 3) only. Version 1 (still read
+everywhere) named the frame dataset ``frames`` and the flags ``terminated``/``truncated``, and
+stored T_e frames per episode (no final observation) with steps at the same rows.
 
 File attributes always include ``schema_version``, ``kind`` ("real" or "synthetic"),
 ``frame_size`` (H, W), ``carsynth_version`` and ``created``; the writer adds its own settings.
 
-Crash safety. Episodes are appended by opening the file, writing one whole episode and closing it
-again, with HDF5's single-writer/multiple-reader (SWMR) mode on while the file is open. SWMR orders
-HDF5's writes so that the file on disk is consistent at every instant, so a SIGKILL at any moment
-leaves a readable file. The episode table is extended last: frames written by an episode whose row
-never landed are ignored by every reader here and cut away by :func:`repair`. A kill inside the
-few milliseconds of an append also leaves HDF5's "open for writing" flag set: readers here then
-open the file in SWMR read mode, and :func:`repair` (run by ``--resume``) rewrites it clean.
+Writers. One process writes a file at a time: :func:`writer_lock` takes an exclusive lock on a
+file beside it (``NAME.lock``, holding the writer's pid, host and command), and a second writer is
+refused with one line naming the first. A :class:`FrameWriter` keeps the file open for the whole
+run in HDF5's single-writer/multiple-reader (SWMR) mode, so readers (``carsynth info``, a
+``FrameDataset``) may open it at any time: they read it in SWMR mode and never take a lock the
+writer needs. (Reopening the file per episode, as carsynth once did, made the writer collide with
+any reader that held it open: ``BlockingIOError: unable to lock file``.)
+
+Crash safety. SWMR orders HDF5's writes so that the file on disk is consistent at every instant,
+so a SIGKILL at any moment leaves a readable file. Each episode's steps are written and flushed
+first and its episode-table row last: frames of an episode whose row never landed are ignored by
+every reader here and cut away by :func:`repair`. A killed writer leaves HDF5's "open for writing"
+flag set: readers here then open the file in SWMR read mode, and :func:`repair` (run by
+``--resume``) rewrites it clean.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +58,7 @@ import numpy as np
 from carsynth import __version__
 from carsynth.errors import UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 KINDS = ("real", "synthetic")
 
@@ -180,6 +201,59 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def _build(
+    h5: h5py.File,
+    kind: str,
+    frame_size: tuple[int, int],
+    action_dim: int | None,
+    attrs: Mapping[str, Any],
+    version: int = SCHEMA_VERSION,
+) -> None:
+    """Create the (empty) datasets and attributes of a new file of schema ``version``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "real" and action_dim is None:
+        raise ValueError("real files need action_dim")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"schema version must be one of {READABLE_VERSIONS}, got {version}")
+    names = dataset_names(version, kind)
+    height, width = frame_size
+    h5.create_dataset(
+        names["frames"],
+        shape=(0, height, width, 3),
+        maxshape=(None, height, width, 3),
+        dtype=np.uint8,
+        chunks=(FRAME_CHUNK, height, width, 3),
+        compression=COMPRESSION,
+        compression_opts=COMPRESSION_OPTS,
+        shuffle=False,
+    )
+    if kind == "real":
+        step_chunk = FRAME_CHUNK * 32
+        h5.create_dataset(
+            "actions",
+            shape=(0, action_dim),
+            maxshape=(None, action_dim),
+            dtype=np.float32,
+            chunks=(step_chunk, action_dim),
+        )
+        h5.create_dataset(
+            "rewards", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(step_chunk,)
+        )
+        for name in (names["terminations"], names["truncations"]):
+            h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=bool, chunks=(step_chunk,))
+        table = EPISODE_DTYPE if version >= 2 else EPISODE_DTYPE_V1
+        h5.create_dataset("episodes", shape=(0,), maxshape=(None,), dtype=table, chunks=(256,))
+    base = {
+        "kind": kind,
+        "frame_size": [height, width],
+        "carsynth_version": __version__,
+        "created": now_iso(),
+    }
+    for key, value in {**base, **attrs, "schema_version": version}.items():
+        h5.attrs[key] = _attr_value(value)
+
+
 def create_frame_file(
     path: str | os.PathLike,
     *,
@@ -188,62 +262,147 @@ def create_frame_file(
     action_dim: int | None,
     attrs: Mapping[str, Any],
     overwrite: bool = False,
+    schema_version: int = SCHEMA_VERSION,
 ) -> Path:
     """Create an empty frame file with its datasets and attributes, atomically.
 
     The file is built under a temporary name and renamed into place, so ``path`` either does not
-    exist or is a complete schema-v1 file. ``action_dim`` is required for real files, which carry
-    actions, rewards, episode flags and the episode table.
+    exist or is a complete, empty file. ``action_dim`` is required for real files, which carry
+    actions, rewards, episode flags and the episode table. ``schema_version`` 1 is for joining
+    version-1 files (``merge``); new data is written as version 2.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = check_writable(path, overwrite)
-    height, width = frame_size
 
     def build(tmp: Path) -> None:
         with h5py.File(tmp, "w", libver="latest") as h5:
-            h5.create_dataset(
-                "frames",
-                shape=(0, height, width, 3),
-                maxshape=(None, height, width, 3),
-                dtype=np.uint8,
-                chunks=(FRAME_CHUNK, height, width, 3),
-                compression=COMPRESSION,
-                compression_opts=COMPRESSION_OPTS,
-                shuffle=False,
-            )
-            if kind == "real":
-                if action_dim is None:
-                    raise ValueError("real files need action_dim")
-                step_chunk = FRAME_CHUNK * 32
-                h5.create_dataset(
-                    "actions",
-                    shape=(0, action_dim),
-                    maxshape=(None, action_dim),
-                    dtype=np.float32,
-                    chunks=(step_chunk, action_dim),
-                )
-                h5.create_dataset(
-                    "rewards", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(step_chunk,)
-                )
-                for name in ("terminated", "truncated"):
-                    h5.create_dataset(
-                        name, shape=(0,), maxshape=(None,), dtype=bool, chunks=(step_chunk,)
-                    )
-                h5.create_dataset(
-                    "episodes", shape=(0,), maxshape=(None,), dtype=EPISODE_DTYPE_V1, chunks=(256,)
-                )
-            base = {
-                "schema_version": SCHEMA_VERSION,
-                "kind": kind,
-                "frame_size": [height, width],
-                "carsynth_version": __version__,
-                "created": now_iso(),
-            }
-            for key, value in {**base, **attrs}.items():
-                h5.attrs[key] = _attr_value(value)
+            _build(h5, kind, frame_size, action_dim, attrs, schema_version)
 
     return atomic_write(path, build)
+
+
+# How long opening a file for appending waits for a reader that holds it without SWMR.
+OPEN_WAIT_SECONDS = 10.0
+
+
+def _open_append(path: str | os.PathLike) -> h5py.File:
+    """Open a file for appending, waiting for readers that hold it without SWMR.
+
+    Such a reader holds HDF5's file lock; this waits up to ``OPEN_WAIT_SECONDS`` for it to close
+    the file, then refuses with one line.
+    """
+    deadline = time.monotonic() + OPEN_WAIT_SECONDS
+    while True:
+        try:
+            return h5py.File(path, "a", libver="latest")
+        except OSError as error:
+            if "unable to lock" not in str(error):
+                raise UsageError(f"{path}: cannot open for appending ({error})") from None
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"{path}: another program has it open without SWMR (h5py.File(path, 'r', "
+                    "swmr=True) reads while carsynth writes); close it and retry"
+                ) from None
+            time.sleep(0.1)
+
+
+class FrameWriter:
+    """Appends to a frame file held open in SWMR-write mode until :meth:`close`.
+
+    Make one with :meth:`create` (a new file) or :meth:`open` (an existing one); the caller holds
+    the :func:`writer_lock`. Each append writes whole episodes (or frames, for synthetic files)
+    and flushes them, so readers and a killed run see every finished episode (module docstring).
+    """
+
+    def __init__(self, h5: h5py.File):
+        self.h5 = h5
+        self.path = Path(h5.filename)
+        self.h5.swmr_mode = True  # after every dataset exists: SWMR cannot add datasets
+        self.version = int(h5.attrs["schema_version"])
+        self.names = dataset_names(self.version, str(read_attrs(h5)["kind"]))
+        # Observations per episode beyond its steps: the final one, from version 2 on.
+        self.final = int(self.version >= 2 and "episodes" in h5)
+        self.num_episodes, self.num_frames, self.num_steps = 0, len(h5[self.names["frames"]]), 0
+        if "episodes" in h5:
+            table = h5["episodes"]
+            last = table[-1] if len(table) else None
+            self.num_episodes = len(table)
+            self.num_frames = int(last["start"] + last["length"]) + self.final if len(table) else 0
+            step_start = "step_start" if self.version >= 2 else "start"
+            self.num_steps = int(last[step_start] + last["length"]) if len(table) else 0
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        kind: str,
+        frame_size: tuple[int, int],
+        action_dim: int | None,
+        attrs: Mapping[str, Any],
+        overwrite: bool = False,
+    ) -> FrameWriter:
+        """A writer on a new file (schema version 2), built under a temporary name and renamed
+        into place already in SWMR mode, so no reader can hold it in a way that blocks the
+        writer."""
+        path = check_writable(path, overwrite)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            h5 = h5py.File(tmp, "w", libver="latest")
+            try:
+                _build(h5, kind, frame_size, action_dim, attrs)
+                writer = cls(h5)
+                os.replace(tmp, path)
+            except BaseException:
+                h5.close()
+                raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        writer.path = path
+        return writer
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> FrameWriter:
+        """A writer appending to an existing, whole file (run :func:`repair` on a killed one)."""
+        return cls(_open_append(path))
+
+    def append_episode(self, episode: Episode) -> None:
+        """Append one whole episode: its observations and steps, flushed, then its row in the
+        episode table. A version-2 file needs T + 1 observations for T actions."""
+        steps = len(episode)
+        if len(episode.observations) != steps + self.final:
+            raise UsageError(
+                f"{self.path}: a schema-{self.version} file stores {steps + self.final} "
+                f"observations for {steps} actions, this episode has {len(episode.observations)}"
+            )
+        h5, names = self.h5, self.names
+        _extend(h5[names["frames"]], episode.observations, self.num_frames)
+        _extend(h5["actions"], episode.actions.astype(np.float32), self.num_steps)
+        _extend(h5["rewards"], episode.rewards.astype(np.float32), self.num_steps)
+        _extend(h5[names["terminations"]], episode.terminations.astype(bool), self.num_steps)
+        _extend(h5[names["truncations"]], episode.truncations.astype(bool), self.num_steps)
+        row = (self.num_frames, steps, episode.seed, float(episode.rewards.sum()), episode.holdout)
+        if self.version >= 2:
+            row = np.array([(*row, self.num_steps)], dtype=EPISODE_DTYPE)
+        else:
+            row = np.array([row], dtype=EPISODE_DTYPE_V1)
+        _extend(h5["episodes"], row, self.num_episodes)
+        self.num_episodes += 1
+        self.num_frames += steps + self.final
+        self.num_steps += steps
+
+    def append_frames(self, frames: np.ndarray) -> None:
+        """Append frames to a synthetic file."""
+        _extend(self.h5["frames"], frames, self.num_frames)
+        self.num_frames += len(frames)
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _extend(dataset: h5py.Dataset, values: np.ndarray, at: int) -> None:
@@ -253,41 +412,77 @@ def _extend(dataset: h5py.Dataset, values: np.ndarray, at: int) -> None:
 
 
 def append_episodes(path: str | os.PathLike, episodes: Iterable[Episode]) -> int:
-    """Append whole episodes to a real frame file; returns the number of frames stored after.
-
-    The step datasets are written and flushed first, the episode table last, so a row in the table
-    always describes frames that are on disk (see the module docstring).
-    """
-    with h5py.File(path, "a", libver="latest") as h5:
-        h5.swmr_mode = True
-        table = h5["episodes"]
-        count = len(table)
-        end = int(table[-1]["start"] + table[-1]["length"]) if count else 0
+    """Append whole episodes to a real frame file; returns the number of frames stored after."""
+    with FrameWriter.open(path) as writer:
         for episode in episodes:
-            length = len(episode)
-            _extend(h5["frames"], episode.observations, end)
-            _extend(h5["actions"], episode.actions.astype(np.float32), end)
-            _extend(h5["rewards"], episode.rewards.astype(np.float32), end)
-            _extend(h5["terminated"], episode.terminations.astype(bool), end)
-            _extend(h5["truncated"], episode.truncations.astype(bool), end)
-            row = np.array(
-                [(end, length, episode.seed, float(episode.rewards.sum()), episode.holdout)],
-                dtype=EPISODE_DTYPE_V1,
-            )
-            _extend(table, row, count)
-            count += 1
-            end += length
-        return end
+            writer.append_episode(episode)
+        return writer.num_frames
 
 
 def append_frames(path: str | os.PathLike, frames: np.ndarray) -> int:
     """Append frames to a synthetic frame file; returns the number of frames stored after."""
-    with h5py.File(path, "a", libver="latest") as h5:
-        h5.swmr_mode = True
-        dataset = h5["frames"]
-        end = len(dataset)
-        _extend(dataset, frames, end)
-        return end + len(frames)
+    with FrameWriter.open(path) as writer:
+        writer.append_frames(frames)
+        return writer.num_frames
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a frame file: ``NAME.lock`` beside it (the real path, however spelled)."""
+    path = Path(path).resolve()
+    return path.with_name(f"{path.name}.lock")
+
+
+def _holder(lock: Path) -> str:
+    """Who holds ``lock``, as its holder recorded it."""
+    try:
+        info = json.loads(lock.read_text())
+        return f"pid {info['pid']} on {info['host']} since {info['since']} ({info['command']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the one-writer lock of ``path`` (see the module docstring) for the ``with`` block.
+
+    The lock is an ``flock`` on ``NAME.lock``, which the kernel releases when its holder dies,
+    so a killed writer never leaves a stale lock. A second writer gets :class:`UsageError`.
+    """
+    lock = lock_path(path)
+    if not lock.parent.is_dir():
+        raise UsageError(f"{path}: folder {lock.parent} does not exist")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UsageError(
+                f"{path}: cannot create the lock file {lock} ({error.strerror})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"{path} is being written by {_holder(lock)}; wait or stop it"
+            ) from None
+        try:  # the previous holder may have removed the file between our open and our lock
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "since": now_iso(),
+    }
+    os.write(fd, json.dumps(info).encode())
+    try:
+        yield lock
+    finally:
+        os.unlink(lock)
+        os.close(fd)
 
 
 def _rewrite_interrupted(path: Path) -> None:
@@ -491,9 +686,9 @@ def open_frame_file(path: str | os.PathLike, cache_bytes: int | None = None) -> 
 def repair(path: str | os.PathLike) -> int:
     """Make a file left by a killed writer whole again; returns the number of frames dropped.
 
-    A file killed inside an append is first rewritten (see :func:`_rewrite_interrupted`); then the
+    A file whose writer was killed is first rewritten (see :func:`_rewrite_interrupted`); then the
     step datasets are cut back to the end of the last complete episode. A file that needs neither
-    is left untouched.
+    is left untouched. The caller holds the :func:`writer_lock`.
     """
     path = Path(path)
     try:
@@ -503,12 +698,14 @@ def repair(path: str | os.PathLike) -> int:
             raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
         _rewrite_interrupted(path)
     with FrameFile(path) as frame_file:
-        end, trailing = frame_file.num_frames, frame_file.trailing_frames
-        concepts = ("frames", *STEP_DATASETS) if frame_file.steps else ()
-        names = [frame_file.names[n] for n in concepts]
-    if trailing:
-        with h5py.File(path, "a", libver="latest") as h5:
-            for name in names:
+        trailing = frame_file.trailing_frames
+        ends = {frame_file.names["frames"]: frame_file.num_frames}
+        if frame_file.kind == "real":
+            ends.update({frame_file.names[n]: frame_file.num_steps for n in STEP_DATASETS})
+        cut = any(frame_file.h5[name].shape[0] > end for name, end in ends.items())
+    if cut:
+        with _open_append(path) as h5:
+            for name, end in ends.items():
                 h5[name].resize(end, axis=0)
     return trailing
 
@@ -546,7 +743,6 @@ def merge(
         seeds = np.concatenate([f.episodes["seed"] for f in files])
         if len(np.unique(seeds)) != len(seeds):
             raise UsageError("merge: the inputs share episode seeds (overlapping shards?)")
-        out = check_writable(out, overwrite)
         if Path(out).resolve() in {f.path.resolve() for f in files}:
             raise UsageError(f"{out}: the output must not be one of the inputs")
         attrs = {**first, "merged_from": [str(f.path) for f in files]}
@@ -560,19 +756,22 @@ def merge(
                 action_dim=action_dim,
                 attrs=attrs,
                 overwrite=True,
+                schema_version=files[0].version,
             )
             if virtual:
                 _write_virtual(tmp, files)
             else:
-                for f in files:
-                    for episode in iter_episodes(f):
-                        append_episodes(tmp, [episode])
+                with FrameWriter.open(tmp) as writer:
+                    for f in files:
+                        for episode in iter_episodes(f):
+                            writer.append_episode(episode)
 
-        atomic_write(out, build)
+        with writer_lock(out):
+            atomic_write(check_writable(out, overwrite), build)
     finally:
         for f in files:
             f.close()
-    return out
+    return Path(out)
 
 
 def iter_episodes(frame_file: FrameFile) -> Iterable[Episode]:
@@ -582,22 +781,27 @@ def iter_episodes(frame_file: FrameFile) -> Iterable[Episode]:
 
 
 def _write_virtual(path: Path, files: Sequence[FrameFile]) -> None:
-    """Replace the (empty) step datasets of ``path`` by virtual datasets over ``files``."""
-    total = sum(f.num_frames for f in files)
-    with h5py.File(path, "a", libver="latest") as h5:
-        for name in [files[0].names[n] for n in ("frames", *STEP_DATASETS)]:
-            source0 = files[0].h5[name]
-            layout = h5py.VirtualLayout(shape=(total, *source0.shape[1:]), dtype=source0.dtype)
-            at = 0
-            for f in files:
-                n = f.num_frames
-                rel = os.path.relpath(f.path.resolve(), path.resolve().parent)
-                layout[at : at + n] = h5py.VirtualSource(rel, name, shape=f.h5[name].shape)[:n]
-                at += n
+    """Replace the (empty) datasets of ``path`` by virtual datasets over ``files``."""
+    names = files[0].names
+    for concept in ("frames", *STEP_DATASETS):
+        counts = [f.num_frames if concept == "frames" else f.num_steps for f in files]
+        name = names[concept]
+        source0 = files[0].h5[name]
+        layout = h5py.VirtualLayout(shape=(sum(counts), *source0.shape[1:]), dtype=source0.dtype)
+        at = 0
+        for f, n in zip(files, counts, strict=True):
+            rel = os.path.relpath(f.path.resolve(), path.resolve().parent)
+            layout[at : at + n] = h5py.VirtualSource(rel, name, shape=f.h5[name].shape)[:n]
+            at += n
+        with h5py.File(path, "a", libver="latest") as h5:
             del h5[name]
             h5.create_virtual_dataset(name, layout)
-        table = np.concatenate([f.episodes for f in files])
-        table["start"] = np.concatenate([[0], np.cumsum(table["length"])[:-1]])
+    table = np.concatenate([f.episodes for f in files])
+    final = int(files[0].final_observations)
+    for column, counts in (("start", table["length"] + final), ("step_start", table["length"])):
+        table[column] = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    if files[0].version == 1:
         table = table[list(EPISODE_DTYPE_V1.names)].astype(EPISODE_DTYPE_V1)
+    with h5py.File(path, "a", libver="latest") as h5:
         del h5["episodes"]
         h5.create_dataset("episodes", data=table, maxshape=(None,), chunks=(256,))

@@ -18,6 +18,8 @@ from conftest import ROOT, run_cli
 from carsynth import storage
 from carsynth.collect import CollectConfig, collect, make_policy, process_frame
 from carsynth.collect.frames import HUD_ROWS, EnvSettings, road_fraction_near_car
+from carsynth.data import FrameDataset
+from carsynth.errors import UsageError
 
 # Tiny episodes: 70 env steps of which the first 50 (the zoom-in) are not recorded.
 TINY = dict(max_steps=70, skip_frames=50, progress=False)
@@ -25,7 +27,7 @@ TINY = dict(max_steps=70, skip_frames=50, progress=False)
 
 def read_all(path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as h5:
-        return {name: h5[name][:] for name in ("frames", "actions", "rewards", "episodes")}
+        return {name: h5[name][:] for name in ("observations", *storage.STEP_DATASETS, "episodes")}
 
 
 def assert_same_contents(a, b) -> None:
@@ -37,12 +39,12 @@ def assert_same_contents(a, b) -> None:
 def test_frames_actions_and_episode_table(tmp_path):
     path = collect(CollectConfig(out=str(tmp_path / "a.h5"), episodes=2, workers=1, **TINY))
     with storage.open_frame_file(path) as f:
-        assert f.frames.shape == (40, 64, 64, 3)
+        assert f.version == 2 and f.frames.shape == (42, 64, 64, 3)  # 20 steps + 1 per episode
         assert list(f.episodes["seed"]) == [0, 1] and list(f.episodes["length"]) == [20, 20]
         actions = f.h5["actions"][:]
         assert actions.shape == (40, 3) and actions.dtype == np.float32
         assert np.all(actions[:, 0] >= -1) and np.all(actions[:, 1:] >= 0)
-        assert f.h5["truncated"][19] and not f.h5["truncated"][:19].any()  # 70-step limit
+        assert f.h5["truncations"][19] and not f.h5["truncations"][:19].any()  # 70-step limit
         assert f.attrs["policy"] == "pilot" and f.attrs["max_steps"] == 70
         frames = f.read()
     assert frames.std() > 10  # real pictures, not blank frames
@@ -51,7 +53,28 @@ def test_frames_actions_and_episode_table(tmp_path):
 def test_frame_skip_repeats_actions(tmp_path):
     config = CollectConfig(out=str(tmp_path / "a.h5"), episodes=1, workers=1, frame_skip=4, **TINY)
     with storage.open_frame_file(collect(config)) as f:
-        assert f.num_frames == 5  # 20 recorded steps / 4
+        assert f.num_steps == 5 and f.num_frames == 6  # 20 recorded steps / 4, + final
+
+
+def test_final_observation_is_what_env_step_returned(tmp_path):
+    """Replaying the stored actions from the same seed gives every stored observation, the one
+    after the last action included (T + 1 for T actions), processed (HUD crop, resize) alike."""
+    config = CollectConfig(
+        out=str(tmp_path / "a.h5"), episodes=1, workers=1, max_steps=40, skip_frames=0,
+        frame_skip=2, crop_hud=True, progress=False,
+    )  # fmt: skip
+    with storage.open_frame_file(collect(config)) as f:
+        episode = f.episode(0)
+    assert len(episode) == 20 and len(episode.observations) == 21
+    env = config.env_settings.make()
+    observation, _ = env.reset(seed=0)
+    replayed = [process_frame(observation, 64, crop_hud=True)]
+    for action in episode.actions:
+        for _ in range(2):
+            observation, _, terminated, truncated, _ = env.step(action)
+        replayed.append(process_frame(observation, 64, crop_hud=True))
+    assert truncated and episode.truncations[-1] and not episode.truncations[:-1].any()
+    np.testing.assert_array_equal(np.array(replayed), episode.observations)
 
 
 def test_worker_count_does_not_change_the_file(tmp_path):
@@ -96,7 +119,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_file(tmp_path):
     with storage.open_frame_file(killed) as f:  # whole episodes only
         kept = f.num_episodes
         assert 2 <= kept < 6
-        assert f.num_frames == 40 * kept
+        assert f.num_frames == 41 * kept
     result = run_cli(*args, "--out", str(killed), "--resume")
     assert result.returncode == 0, result.stderr
     full = run_cli(*args, "--out", str(tmp_path / "full.h5"))
@@ -226,3 +249,51 @@ def test_collect_command_does_not_load_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.split() == ["2", "False"], result.stderr
+
+
+def test_readers_and_a_second_writer_never_disturb_a_collect(tmp_path):
+    """A polling reader, a dataset holding the file open and a second collect, during a collect.
+
+    Before one writer held the file open in SWMR mode, a reader holding the file made the
+    collector crash (BlockingIOError: unable to lock file), and a second collect interleaved its
+    episodes with the first one's.
+    """
+    path = tmp_path / "a.h5"
+    args = ["collect", "--out", str(path), "--episodes", "8", "--workers", "1",
+            "--max-steps", "90", "--no-progress"]  # fmt: skip
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "carsynth", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    reads, dataset, second = 0, None, []
+    while writer.poll() is None:
+        try:
+            with storage.open_frame_file(path) as f:  # what `carsynth info` does
+                f.read(limit=64)
+                reads += 1
+        except UsageError as error:
+            assert "no such file" in str(error)
+        if reads and dataset is None:
+            dataset = FrameDataset(path)  # keeps the file open from here on
+        if dataset is not None and len(dataset):
+            assert dataset[len(dataset) - 1].shape == (3, 64, 64)
+        if reads == 2 and not second:
+            second = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "carsynth", *args, flag],
+                    cwd=ROOT,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )  # fmt: skip
+                for flag in ("--overwrite", "--resume")
+            ]
+        time.sleep(0.05)
+    assert writer.returncode == 0, writer.stderr.read()
+    assert reads >= 3 and second, "the readers should have run during the collect"
+    for process in second:
+        assert process.wait() == 2
+        (line,) = process.stderr.read().splitlines()
+        assert f"a.h5 is being written by pid {writer.pid} on " in line
+    assert not (tmp_path / "a.h5.lock").exists()
+    full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=8, workers=1,
+                                 max_steps=90, progress=False))  # fmt: skip
+    assert_same_contents(path, full)

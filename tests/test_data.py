@@ -37,7 +37,9 @@ def shards(tmp_path_factory) -> dict[str, object]:
         episodes = list(storage.iter_episodes(source))
         attrs = source.attrs
     for path, part in zip(paths, (episodes[:4], episodes[4:]), strict=True):
-        storage.create_frame_file(path, kind="real", frame_size=(64, 64), action_dim=3, attrs=attrs)
+        storage.create_frame_file(
+            path, kind="real", frame_size=(64, 64), action_dim=3, attrs=attrs, schema_version=1
+        )
         storage.append_episodes(path, part)
     # Merge in reverse order: merge sorts shards by seed, so the result is still episodes 0-7.
     merged = storage.merge(paths[::-1], folder / "merged.h5")

@@ -154,12 +154,13 @@ _worker_env: dict[EnvSettings, gym.Env] = {}
 
 
 def run_episode(job: EpisodeJob) -> storage.Episode:
-    """Run one episode and return its recorded frames, actions, rewards and flags.
+    """Run one episode and return its recorded observations, actions, rewards and flags.
 
     The policy acts on every ``frame_skip``-th step and its action is repeated in between (the
-    usual Atari-style frame skip); frame i is the observation it acted on and reward i the sum of
-    rewards until the next recorded frame. The first ``skip_frames`` steps are driven but not
-    recorded. Each worker process keeps one env per setting and reuses it across episodes.
+    usual Atari-style frame skip); observation t is the one action t acted on and reward t the
+    sum of rewards until the next recorded observation. The first ``skip_frames`` steps are
+    driven but not recorded. The episode ends with the observation after its last action (T + 1
+    observations for T actions). Each worker process keeps one env per setting and reuses it.
     """
     env = _worker_env.get(job.env)
     if env is None:
@@ -185,6 +186,7 @@ def run_episode(job: EpisodeJob) -> storage.Episode:
             truncated.append(trunc)
         observation, step = next_observation, step + taken
         done = term or trunc
+    frames.append(process_frame(observation, settings.size, settings.crop_hud))
     action_dim = int(np.prod(env.action_space.shape)) or 1
     return storage.Episode(
         seed=job.seed,
@@ -205,16 +207,15 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _ordered(jobs: list[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
+def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
     """Run jobs on ``workers`` processes; yield episodes in job order, a bounded window ahead."""
     if workers == 1:
-        for job in jobs:
+        for job in todo:
             yield run_episode(job)
         return
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
     pending: deque[Future] = deque()
-    todo = iter(jobs)
     try:
         for job in todo:
             pending.append(pool.submit(run_episode, job))
@@ -255,8 +256,8 @@ def resolve_renderer(config: CollectConfig) -> CollectConfig:
     return dataclasses.replace(config, renderer="stock")
 
 
-def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> int:
-    """Check that ``path`` can be continued with ``config``; return how many episodes it has."""
+def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> None:
+    """Check that ``path`` can be continued with ``config``, repairing a killed run's file."""
     if not path.is_file():
         raise UsageError(f"--resume: {path} does not exist (drop --resume to start it)")
     dropped = storage.repair(path)
@@ -273,12 +274,11 @@ def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> i
             f"--resume: {path} was collected with {name}={stored[name]!r}, "
             f"this run has {name}={wanted[name]!r}"
         )
-    expected = [config.seed + k for k in config.episode_range()][: len(seeds)]
+    expected = [config.seed + k for k in config.episode_range()[: len(seeds)]]
     if seeds != expected:
         raise UsageError(f"--resume: the episodes in {path} are not this run's first episodes")
     if dropped:
         print(f"resume: dropped {dropped} frames of an episode cut short by the last run")
-    return len(seeds)
 
 
 def collect(config: CollectConfig) -> Path:
@@ -288,8 +288,18 @@ def collect(config: CollectConfig) -> Path:
     """
     check_config(config)
     make_policy(config.policy, config.policy_args)  # fail early on a bad policy
-    config = resolve_renderer(config)
     path = Path(config.out)
+    with storage.writer_lock(path):
+        config = resolve_renderer(config)
+        action_dim = _action_dim(config)
+        attrs = file_attrs(config, action_dim)
+        with _open_output(config, path, attrs, action_dim) as writer:
+            _collect_into(writer, config)
+    return path
+
+
+def _action_dim(config: CollectConfig) -> int:
+    """The size of the env's action vector, checking that it gives RGB observations."""
     try:
         probe = config.env_settings.make()
     except ValueError as error:
@@ -299,17 +309,26 @@ def collect(config: CollectConfig) -> Path:
     probe.close()
     if obs_shape is None or len(obs_shape) != 3 or obs_shape[2] != 3:
         raise UsageError(f"--env {config.env_id}: observations are {obs_shape}, need (H, W, 3) RGB")
-    attrs = file_attrs(config, action_dim)
+    return action_dim
+
+
+def _open_output(
+    config: CollectConfig, path: Path, attrs: dict[str, Any], action_dim: int
+) -> storage.FrameWriter:
+    """The writer of this run: on the file to continue (``--resume``) or on a new one."""
     if config.resume:
-        done = _resume_state(config, path, attrs)
-    else:
-        storage.create_frame_file(
-            path, kind="real", frame_size=(config.size, config.size), action_dim=action_dim,
-            attrs=attrs, overwrite=config.overwrite,
-        )  # fmt: skip
-        done = 0
-    episode_numbers = list(config.episode_range())[done:]
-    jobs = [
+        _resume_state(config, path, attrs)
+        return storage.FrameWriter.open(path)
+    return storage.FrameWriter.create(
+        path, kind="real", frame_size=(config.size, config.size), action_dim=action_dim,
+        attrs=attrs, overwrite=config.overwrite,
+    )  # fmt: skip
+
+
+def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
+    """Run the episodes the file does not hold yet and append them in order."""
+    episode_numbers = config.episode_range()[writer.num_episodes :]
+    jobs = (
         EpisodeJob(
             config.seed + k,
             config.env_settings,
@@ -319,19 +338,18 @@ def collect(config: CollectConfig) -> Path:
             config.holdout,
         )  # fmt: skip
         for k in episode_numbers
-    ]
+    )
     workers = config.workers or os.cpu_count() or 1
-    workers = max(1, min(workers, len(jobs)))
+    workers = max(1, min(workers, len(episode_numbers)))
     bar = tqdm(
-        total=len(config.episode_range()), initial=done, unit="ep", desc="collect",
-        disable=not config.progress, dynamic_ncols=True,
+        total=len(config.episode_range()), initial=writer.num_episodes, unit="ep",
+        desc="collect", disable=not config.progress, dynamic_ncols=True,
     )  # fmt: skip
     frames, start = 0, time.perf_counter()
     with bar:
         for episode in _ordered(jobs, workers):
-            storage.append_episodes(path, [episode])
+            writer.append_episode(episode)
             frames += len(episode)
             elapsed = time.perf_counter() - start
             bar.set_postfix(frames=frames, fps=f"{frames / elapsed:.0f}")
             bar.update(1)
-    return path
