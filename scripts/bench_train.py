@@ -37,6 +37,7 @@ class H5Frames(Dataset):
         self.path = path
         with storage.open_frame_file(path) as f:
             self.rows = np.concatenate([np.arange(a, b) for a, b in f.frame_ranges("train")])
+            self.name = f.frames.name  # "frames" or, in a schema-2 real file, "observations"
         self.h5: h5py.File | None = None
 
     def __len__(self) -> int:
@@ -45,7 +46,7 @@ class H5Frames(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.h5 is None:
             self.h5 = h5py.File(self.path, "r")
-        frame = torch.from_numpy(self.h5["frames"][int(self.rows[i])])
+        frame = torch.from_numpy(self.h5[self.name][int(self.rows[i])])
         return frame.permute(2, 0, 1).float().div(127.5).sub(1)
 
 
