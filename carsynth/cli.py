@@ -94,6 +94,34 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- convert
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from carsynth.convert import FORMATS, ConvertConfig
+
+    help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(ConvertConfig)}
+    p.add_argument("source", help=help_of["source"])
+    p.add_argument("--to", default="minari", choices=FORMATS, help=help_of["to"])
+    p.add_argument("--dataset-id", required=True, help=help_of["dataset_id"])
+    p.add_argument(
+        "--split", default="all", choices=("all", "train", "holdout"), help=help_of["split"]
+    )
+    p.add_argument("--overwrite", action="store_true", help=help_of["overwrite"])
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from carsynth.convert import ConvertConfig, convert
+
+    config = ConvertConfig(args.source, args.dataset_id, args.to, args.split, args.overwrite)
+    dataset = convert(config)
+    print(
+        f"wrote Minari dataset {args.dataset_id}: {dataset.total_episodes} episodes, "
+        f"{dataset.total_steps} steps (load it with minari.load_dataset({args.dataset_id!r}))"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- info
 INFO_VALUE_CHARS = 100  # longer values are shortened in the text summary
 
@@ -380,6 +408,7 @@ def _run(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "collect": ("record CarRacing rollouts to a frame file", _collect_arguments, _collect),
     "merge": ("join shard files into one", _merge_arguments, _merge),
+    "convert": ("write a real frame file as a Minari dataset", _convert_arguments, _convert),
     "info": ("check a frame file and print its contents", _info_arguments, _info),
     "train": ("train the DCGAN-64 on a frame file", _train_arguments, _train),
     "validate": (
