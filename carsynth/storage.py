@@ -367,15 +367,18 @@ class FrameWriter:
 
     def append_episode(self, episode: Episode) -> None:
         """Append one whole episode: its observations and steps, flushed, then its row in the
-        episode table. A version-2 file needs T + 1 observations for T actions."""
-        steps = len(episode)
-        if len(episode.observations) != steps + self.final:
+        episode table. A version-2 file needs T + 1 observations for T actions; a version-1 file
+        (a collection begun before version 2, resumed) keeps the first T, as that layout did."""
+        steps, observations = len(episode), episode.observations
+        if not self.final and len(observations) == steps + 1:
+            observations = observations[:steps]
+        if len(observations) != steps + self.final:
             raise UsageError(
                 f"{self.path}: a schema-{self.version} file stores {steps + self.final} "
                 f"observations for {steps} actions, this episode has {len(episode.observations)}"
             )
         h5, names = self.h5, self.names
-        _extend(h5[names["frames"]], episode.observations, self.num_frames)
+        _extend(h5[names["frames"]], observations, self.num_frames)
         _extend(h5["actions"], episode.actions.astype(np.float32), self.num_steps)
         _extend(h5["rewards"], episode.rewards.astype(np.float32), self.num_steps)
         _extend(h5[names["terminations"]], episode.terminations.astype(bool), self.num_steps)

@@ -114,7 +114,7 @@ def test_version_1_files_are_still_read_and_merged(tmp_path, fixture_file):
     new_file(a, version=1, shard="0/2")
     new_file(b, version=1, shard="1/2")
     storage.append_episodes(a, [make_episode(0, 3, final=False)])
-    storage.append_episodes(b, [make_episode(1, 4, final=False)])
+    storage.append_episodes(b, [make_episode(1, 4)])  # a v1 file keeps T of the T + 1
     merged = storage.merge([a, b], tmp_path / "m.h5")
     with h5py.File(merged, "r") as h5:
         assert h5.attrs["schema_version"] == 1 and "frames" in h5 and "terminated" in h5
