@@ -7,7 +7,8 @@ can hand out uint8 (converted on the consumer's device with ``to_float``), and
 through a ``torch.utils.data.DataLoader`` with 0 and 2 worker processes:
 
 - frames/s of shuffled frame batches (64 frames), uint8 and float32, for a per-frame shuffle
-  (``shuffle=True``) and for ``ChunkBatchSampler``;
+  (``shuffle=True``) and for ``ChunkBatchSampler`` (``mix=8``: each batch mixes frames of 64
+  chunks; ``mix=1``: batches of 8 whole chunks);
 - batches/s of shuffled window batches (32 windows of 16 steps: (32, 17, 3, 64, 64) uint8);
 
 each beside the same loader over an in-memory tensor (a ``TensorDataset`` for frames, a plain
@@ -151,11 +152,15 @@ def frame_rows(path: Path, args: argparse.Namespace) -> list[dict]:
             )
         )
         for workers in (0, 2):
-            for order in ("per-frame shuffle", "ChunkBatchSampler"):
+            for order, mix in (
+                ("per-frame shuffle", 0),
+                ("chunks, mix=8", 8),
+                ("chunks, mix=1", 1),
+            ):
 
-                def loader(order=order, workers=workers, dataset=dataset):
-                    if order == "ChunkBatchSampler":
-                        sampler = ChunkBatchSampler(dataset, batch, num_replicas=1, rank=0)
+                def loader(mix=mix, workers=workers, dataset=dataset):
+                    if mix:
+                        sampler = ChunkBatchSampler(dataset, batch, num_replicas=1, rank=0, mix=mix)
                         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
                     return DataLoader(dataset, batch, shuffle=True, num_workers=workers)
 

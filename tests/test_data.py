@@ -382,28 +382,39 @@ def test_uint8_items_and_batched_reads_match_single_reads(fixture_file, raw):
         FrameDataset(fixture_file, dtype="float16")
 
 
+def train_rows(items) -> np.ndarray:
+    """File rows of the fixture's train items (the holdout episode, rows 600..799, is skipped)."""
+    items = np.asarray(items)
+    return np.where(items < 600, items, items + 200)
+
+
 def test_chunk_batch_sampler_covers_each_frame_once_in_whole_chunks(fixture_file, raw):
     dataset = FrameDataset(fixture_file, split="train", dtype="uint8")
-    sampler = ChunkBatchSampler(dataset, batch_size=64, seed=0, num_replicas=1, rank=0)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 22 and all(len(b) == 64 for b in batches[:-1])
+    whole = ChunkBatchSampler(dataset, batch_size=64, seed=0, num_replicas=1, rank=0, mix=1)
+    batches = list(whole)
+    assert len(batches) == len(whole) == 22 and all(len(b) == 64 for b in batches[:-1])
     items = np.concatenate(batches)
     assert sorted(items) == list(range(1400))
-    rows = np.where(items < 600, items, items + 200)  # file rows of the train items
-    assert (rows.reshape(-1, 8)[:, 0] % storage.FRAME_CHUNK == 0).all()  # whole, aligned chunks
-    assert (np.diff(rows.reshape(-1, 8), axis=1) == 1).all()
-    assert not np.array_equal(items, np.arange(1400))  # shuffled ...
+    rows = train_rows(items).reshape(-1, 8)
+    assert (rows[:, 0] % storage.FRAME_CHUNK == 0).all() and (np.diff(rows, axis=1) == 1).all()
+    assert not np.array_equal(items, np.arange(1400))  # chunks in random order
+
+    # mix=4: the frames of each 4 batches (256 frames: 32 whole chunks) shuffled among them.
+    sampler = ChunkBatchSampler(dataset, batch_size=64, seed=0, num_replicas=1, rank=0, mix=4)
+    items = np.concatenate(list(sampler))
+    assert sorted(items) == list(range(1400))
+    for group in np.split(train_rows(items), range(256, 1400, 256)):
+        chunks, counts = np.unique(group // 8, return_counts=True)
+        assert len(group) < 256 or (len(chunks) == 32 and (counts == 8).all())
+    assert len(np.unique(train_rows(items[:64]) // 8)) > 16  # a batch mixes many chunks
     np.testing.assert_array_equal(
-        items, np.concatenate(list(ChunkBatchSampler(dataset, 64, seed=0)))
+        items, np.concatenate(list(ChunkBatchSampler(dataset, 64, mix=4)))
     )
     sampler.set_epoch(1)
-    assert not np.array_equal(items, np.concatenate(list(sampler)))  # ... anew each epoch
+    assert not np.array_equal(items, np.concatenate(list(sampler)))  # a new order each epoch
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2)
     for batch, indices in zip(loader, sampler, strict=True):
-        np.testing.assert_array_equal(
-            batch.permute(0, 2, 3, 1).numpy(),
-            raw[np.where(np.array(indices) < 600, indices, np.array(indices) + 200)],
-        )
+        np.testing.assert_array_equal(batch.permute(0, 2, 3, 1).numpy(), raw[train_rows(indices)])
     ranks = [np.concatenate(list(ChunkBatchSampler(dataset, 64, 0, 2, r))) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) and not set(ranks[0]) & set(ranks[1])
 
