@@ -73,7 +73,9 @@ def test_bad_arrays_are_usage_errors(fixture_frames) -> None:
 def test_real_file_without_holdout_gets_a_seeded_episode_split(tmp_path, fixture_file) -> None:
     path = tmp_path / "no_holdout.h5"
     with storage.open_frame_file(fixture_file) as f:
-        storage.create_frame_file(path, kind="real", frame_size=(64, 64), action_dim=3, attrs={})
+        storage.create_frame_file(
+            path, kind="real", frame_size=(64, 64), action_dim=3, attrs={}, schema_version=1
+        )
         episodes = list(storage.iter_episodes(f))
     for episode in episodes:
         episode.holdout = False
@@ -85,8 +87,8 @@ def test_real_file_without_holdout_gets_a_seeded_episode_split(tmp_path, fixture
     assert how.startswith("seeded split: 2 of 8 episodes held out")
     np.testing.assert_array_equal(holdout, again[1])
     # Whole episodes: every held-out frame block of 200 is one episode of the file.
-    starts = [e for e, ep in enumerate(episodes) if np.array_equal(ep.frames, holdout[:200])]
-    assert len(starts) == 1 and np.array_equal(episodes[starts[0]].frames, holdout[:200])
+    starts = [e for e, ep in enumerate(episodes) if np.array_equal(ep.observations, holdout[:200])]
+    assert len(starts) == 1 and np.array_equal(episodes[starts[0]].observations, holdout[:200])
 
 
 def test_cli_report_and_exit_codes(tmp_path, fixture_file, fixture_frames, capsys) -> None:
