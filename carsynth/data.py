@@ -181,8 +181,8 @@ class _FileReader(Dataset):
         frames = self._file(k).frames
         try:
             parts = [frames[int(run[0]) : int(run[-1]) + 1] for run in np.split(unique, breaks)]
-        except OSError as error:
-            raise UsageError(f"{self.paths[k]}: cannot read frames ({error})") from None
+        except (OSError, RuntimeError) as error:
+            raise UsageError(f"{self.paths[k]}: cannot read frames (damaged? {error})") from None
         return np.concatenate(parts)[inverse.reshape(-1)]
 
     def __getstate__(self) -> dict:

@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -305,6 +308,49 @@ def _open_append(path: str | os.PathLike) -> h5py.File:
             time.sleep(0.1)
 
 
+# errno values that mean "no room": the disk is full, the user's quota is used up, or the file
+# reached the process's size limit (ulimit -f).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _no_space(error: Exception) -> int | None:
+    """The errno of a full disk in an h5py error (HDF5 reports it in the message), else None."""
+    found = re.search(r"errno = (\d+)", str(error))
+    code = int(found.group(1)) if found else getattr(error, "errno", None)
+    return code if code in NO_SPACE else None
+
+
+def _detach(h5: h5py.File) -> None:
+    """Point an open file's descriptor at /dev/null, so that closing it writes nothing more.
+
+    After a failed write (disk full) HDF5 would retry its pending writes at close, fail again
+    and crash the interpreter (a segfault, exit 139). What is on disk was flushed in SWMR order
+    and stays readable, like the file of a killed writer.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, h5.id.get_vfd_handle())
+    os.close(null)
+
+
+def _close_after(h5: h5py.File, error: BaseException) -> None:
+    """Close a file being written after ``error``: detached first if the disk is full."""
+    if _no_space(error) is not None:
+        _detach(h5)
+    h5.close()
+
+
+@contextlib.contextmanager
+def _no_space_is_one_line(path: Path, what: str) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into a :class:`UsageError` saying ``what`` now."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        code = _no_space(error)
+        if code is None:
+            raise
+        raise UsageError(f"{path}: {os.strerror(code).lower()}; {what}") from None
+
+
 class FrameWriter:
     """Appends to a frame file held open in SWMR-write mode until :meth:`close`.
 
@@ -347,14 +393,15 @@ class FrameWriter:
         path = check_writable(path, overwrite)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            h5 = h5py.File(tmp, "w", libver="latest")
-            try:
-                _build(h5, kind, frame_size, action_dim, attrs)
-                writer = cls(h5)
-                os.replace(tmp, path)
-            except BaseException:
-                h5.close()
-                raise
+            with _no_space_is_one_line(path, "nothing written"):
+                h5 = h5py.File(tmp, "w", libver="latest")
+                try:
+                    _build(h5, kind, frame_size, action_dim, attrs)
+                    writer = cls(h5)
+                    os.replace(tmp, path)
+                except BaseException as error:
+                    _close_after(h5, error)
+                    raise
         finally:
             tmp.unlink(missing_ok=True)
         writer.path = path
@@ -365,10 +412,31 @@ class FrameWriter:
         """A writer appending to an existing, whole file (run :func:`repair` on a killed one)."""
         return cls(_open_append(path))
 
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self) -> Iterator[None]:
+        """Turn a full disk into a :class:`UsageError`; the file keeps what was appended."""
+        what = (
+            f"the file keeps its {self.num_episodes} whole episodes; make room, then continue "
+            "with --resume"
+            if "episodes" in self.h5
+            else "make room and retry"
+        )
+        with _no_space_is_one_line(self.path, what):
+            try:
+                yield
+            except (OSError, RuntimeError) as error:
+                if _no_space(error) is not None:
+                    _detach(self.h5)
+                raise
+
     def append_episode(self, episode: Episode) -> None:
         """Append one whole episode: its observations and steps, flushed, then its row in the
         episode table. A version-2 file needs T + 1 observations for T actions; a version-1 file
         (a collection begun before version 2, resumed) keeps the first T, as that layout did."""
+        with self._disk_full_is_one_line():
+            self._append_episode(episode)
+
+    def _append_episode(self, episode: Episode) -> None:
         steps, observations = len(episode), episode.observations
         if not self.final and len(observations) == steps + 1:
             observations = observations[:steps]
@@ -395,7 +463,8 @@ class FrameWriter:
 
     def append_frames(self, frames: np.ndarray) -> None:
         """Append frames to a synthetic file."""
-        _extend(self.h5["frames"], frames, self.num_frames)
+        with self._disk_full_is_one_line():
+            _extend(self.h5["frames"], frames, self.num_frames)
         self.num_frames += len(frames)
 
     def close(self) -> None:
@@ -497,13 +566,26 @@ def _rewrite_interrupted(path: Path) -> None:
     """
 
     def copy(tmp: Path) -> None:
-        with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
-            for key, value in src.attrs.items():
-                dst.attrs[key] = value
-            for name in src:
-                src.copy(src[name], dst, name=name)
+        with h5py.File(path, "r", swmr=True) as src:
+            dst = h5py.File(tmp, "w", libver="latest")
+            try:
+                for key, value in src.attrs.items():
+                    dst.attrs[key] = value
+                for name in src:
+                    src.copy(src[name], dst, name=name)
+            except BaseException as error:
+                _close_after(dst, error)
+                raise
+            dst.close()
 
-    atomic_write(path, copy)
+    size, free = path.stat().st_size, shutil.disk_usage(path.parent).free
+    if free < size:
+        raise UsageError(
+            f"{path}: repairing it needs {size / 2**20:.1f} MiB free beside it, "
+            f"{free / 2**20:.1f} MiB are; free space and retry"
+        )
+    with _no_space_is_one_line(path, "left as it was; free space and retry"):
+        atomic_write(path, copy)
 
 
 def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
@@ -597,6 +679,12 @@ class FrameFile:
         self.episodes = np.zeros(len(stored), dtype=EPISODE_DTYPE)
         for column in EPISODE_DTYPE.names:
             self.episodes[column] = stored[column if column in expected.names else "start"]
+        negative = np.flatnonzero(self.episodes["length"] < 0)
+        if len(negative):
+            first = self.episodes[negative[0]]
+            raise self._fail(
+                f"episode {negative[0]} (seed {first['seed']}) has length {first['length']}"
+            )
         lengths = self.episodes["length"]
         observations = lengths + int(self.final_observations)
         for column, counts in (("start", observations), ("step_start", lengths)):
@@ -610,6 +698,15 @@ class FrameFile:
                 raise self._fail(
                     f"'{self.names[name]}' is shorter than the episode table (truncated file?)"
                 )
+
+    def rows(self, name: str, index: Any) -> np.ndarray:
+        """``index`` of dataset ``name`` ("frames" or a step dataset, by its version-2 name);
+        a damaged chunk raises :class:`UsageError` naming the file and the dataset."""
+        name = self.names.get(name, name)
+        try:
+            return self.h5[name][index]
+        except (OSError, RuntimeError) as error:
+            raise UsageError(f"{self.path}: cannot read '{name}' (damaged? {error})") from None
 
     @property
     def num_episodes(self) -> int:
@@ -652,7 +749,7 @@ class FrameFile:
                 b = min(b, a + limit - total)
             if b <= a:
                 break
-            parts.append(self.frames[a:b])
+            parts.append(self.rows("frames", slice(a, b)))
             total += b - a
         if not parts:
             return np.zeros((0, *self.frame_size, 3), dtype=np.uint8)
@@ -666,8 +763,8 @@ class FrameFile:
         s, t = int(row["step_start"]), int(row["step_start"] + row["length"])
         return Episode(
             seed=int(row["seed"]),
-            observations=self.frames[a : a + t - s + int(self.final_observations)],
-            **{name: dataset[s:t] for name, dataset in self.steps.items()},
+            observations=self.rows("frames", slice(a, a + t - s + int(self.final_observations))),
+            **{name: self.rows(name, slice(s, t)) for name in self.steps},
             holdout=bool(row["holdout"]),
         )
 

@@ -10,6 +10,7 @@ episodes, which is what ``--resume`` continues from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -17,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -27,12 +29,12 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from tqdm import tqdm
 
 from carsynth import storage
 from carsynth.collect.frames import EnvSettings, FrameSettings, process_frame
 from carsynth.collect.policies import make_policy, policy_params
 from carsynth.errors import UsageError
+from carsynth.progress import Progress, log
 
 # Settings that must match for --resume to continue a file (and for shards to merge).
 RESUME_KEYS = (
@@ -100,9 +102,15 @@ def check_config(config: CollectConfig) -> None:
         (config.episodes >= 1, "--episodes must be at least 1"),
         (config.workers >= 0, "--workers must be 0 (all cores) or more"),
         (8 <= config.size <= 512, "--size must be between 8 and 512"),
+        (config.seed >= 0, "--seed must be 0 or more (gymnasium seeds are non-negative)"),
         (config.skip_frames >= 0, "--skip-frames must be 0 or more"),
         (config.frame_skip >= 1, "--frame-skip must be at least 1"),
         (config.max_steps >= 1, "--max-steps must be at least 1"),
+        (
+            config.skip_frames < config.max_steps,
+            f"--skip-frames {config.skip_frames} must be less than --max-steps "
+            f"{config.max_steps}: no step would be recorded",
+        ),
         (0.0 <= config.holdout < 1.0, "--holdout must be in [0, 1)"),
         (config.renderer in ("fast", "stock"), "--renderer must be fast or stock"),
         (0 < config.lap_complete_percent <= 1, "--lap-complete-percent must be in (0, 1]"),
@@ -201,20 +209,41 @@ def run_episode(job: EpisodeJob) -> storage.Episode:
     )
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C goes to the main process, which stops the pool itself; workers must not print
-    # their own KeyboardInterrupt tracebacks.
+def _init_worker(parent: int) -> None:
+    # Ctrl-C (to the whole process group) and a cluster's SIGTERM are the main process's to
+    # handle: it stops the workers itself. Workers must not print KeyboardInterrupt tracebacks
+    # nor die first and make the main process report a broken pool instead of the interrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker when the main process is gone (killed with SIGKILL, say).
+
+    A worker holds both ends of its job queue's pipe, so it never sees end-of-file and would
+    wait for jobs forever (found by scripts/reliability_battery.py: two orphans per kill).
+    """
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
-    """Run jobs on ``workers`` processes; yield episodes in job order, a bounded window ahead."""
+    """Run jobs on ``workers`` processes; yield episodes in job order, a bounded window ahead.
+
+    If the caller stops early (an interrupt), episodes still running are dropped: their worker
+    processes are killed at once instead of being waited for.
+    """
     if workers == 1:
         for job in todo:
             yield run_episode(job)
         return
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    others = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
+    )
     pending: deque[Future] = deque()
     try:
         for job in todo:
@@ -229,6 +258,9 @@ def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episo
             yield episode
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        if pending:
+            for process in set(multiprocessing.active_children()) - others:
+                process.kill()
 
 
 @functools.cache
@@ -278,7 +310,7 @@ def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> N
     if seeds != expected:
         raise UsageError(f"--resume: the episodes in {path} are not this run's first episodes")
     if dropped:
-        print(f"resume: dropped {dropped} frames of an episode cut short by the last run")
+        log.info(f"resume: dropped {dropped} frames of an episode cut short by the last run")
 
 
 def collect(config: CollectConfig) -> Path:
@@ -325,6 +357,16 @@ def _open_output(
     )  # fmt: skip
 
 
+def _append_uninterrupted(writer: storage.FrameWriter, episode: storage.Episode) -> None:
+    """Append an episode with SIGINT and SIGTERM held back until it is written whole."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        writer.append_episode(episode)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
     """Run the episodes the file does not hold yet and append them in order."""
     episode_numbers = config.episode_range()[writer.num_episodes :]
@@ -341,15 +383,14 @@ def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
     )
     workers = config.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(episode_numbers)))
-    bar = tqdm(
-        total=len(config.episode_range()), initial=writer.num_episodes, unit="ep",
-        desc="collect", disable=not config.progress, dynamic_ncols=True,
+    progress = Progress(
+        len(config.episode_range()), desc="collect", unit="ep", initial=writer.num_episodes,
+        mode="auto" if config.progress else "off",
     )  # fmt: skip
     frames, start = 0, time.perf_counter()
-    with bar:
-        for episode in _ordered(jobs, workers):
-            writer.append_episode(episode)
+    with progress, contextlib.closing(_ordered(jobs, workers)) as episodes:
+        for episode in episodes:
+            _append_uninterrupted(writer, episode)
             frames += len(episode)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(frames=frames, fps=f"{frames / elapsed:.0f}")
-            bar.update(1)
+            fps = frames / (time.perf_counter() - start)
+            progress.update(1, frames=frames, fps=f"{fps:.0f}")
