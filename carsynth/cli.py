@@ -87,6 +87,25 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- convert
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    from carsynth.convert import ConvertConfig
+
+    add_flags(p, ConvertConfig)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from carsynth.convert import ConvertConfig, convert
+
+    config = from_flags(ConvertConfig, args)
+    dataset = convert(config)
+    print(
+        f"wrote Minari dataset {config.dataset_id}: {dataset.total_episodes} episodes, "
+        f"{dataset.total_steps} steps (load it with minari.load_dataset({config.dataset_id!r}))"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- info
 INFO_VALUE_CHARS = 100  # longer values are shortened in the text summary
 
@@ -232,6 +251,7 @@ def _run(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "collect": ("record CarRacing rollouts to a frame file", _collect_arguments, _collect),
     "merge": ("join shard files into one", _merge_arguments, _merge),
+    "convert": ("write a real frame file as a Minari dataset", _convert_arguments, _convert),
     "info": ("check a frame file and print its contents", _info_arguments, _info),
     "train": ("train the DCGAN-64 on a frame file", _train_arguments, _train),
     "validate": (

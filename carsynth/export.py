@@ -1,10 +1,10 @@
 """``carsynth export``: sample a run's generator, validate the samples, write the synthetic file.
 
-The synthetic file has the same ``frames`` layout as a real file (schema v1, ``kind`` =
-"synthetic") and carries its provenance in attributes: the SHA-256 of the generator checkpoint,
-the run's config, the sampling seed and the latent layout, and the validation report. Frame ``i``
-was generated from ``carsynth.sampling.latents(seed, i, 1, nz)``, so any frame can be regenerated
-alone from the file's attributes and the checkpoint (see :func:`regenerate`).
+The synthetic file has the frame layout of a real file (a ``frames`` dataset, schema version 2,
+``kind`` = "synthetic") and carries its provenance in attributes: the SHA-256 of the generator
+checkpoint, the run's config, the sampling seed and the latent layout, and the validation
+report. Frame ``i`` was generated from ``carsynth.sampling.latents(seed, i, 1, nz)``, so any frame
+can be regenerated alone from the file's attributes and the checkpoint (see :func:`regenerate`).
 
 The file is written only when the samples pass ``carsynth validate``'s checks against the run's
 own training and held-out frames; ``force`` writes it anyway and records that they failed.

@@ -2,7 +2,8 @@
 
 A field becomes ``--field-name`` (or ``metadata["flag"]``); its type (or ``metadata["type"]``, a
 parser), default and ``metadata["help"]`` give the flag's type, default and help,
-``metadata["choices"]`` its choices. A bool field becomes a pair,
+``metadata["choices"]`` its choices; ``metadata["positional"]`` makes it a positional argument
+(named by the field). A bool field becomes a pair,
 ``--name`` / ``--no-name``. A field without a default is a required flag; a field without help
 text (a nested config, say) gets no flag. Adding a setting to a command is adding a field to its
 config. Only the standard library is imported here, so ``carsynth --help`` stays light.
@@ -45,6 +46,10 @@ def add_flags(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ..
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default
         text = f.metadata["help"]
+        kind = f.metadata.get("type", _kind(f.type))
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=kind, choices=f.metadata.get("choices"), help=text)
+            continue
         if default is not None and not isinstance(default, bool):
             text = f"{text} (default {default})"
         if f.type == "bool":
@@ -54,7 +59,7 @@ def add_flags(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ..
             )  # fmt: skip
             continue
         parser.add_argument(
-            flag, dest=f.name, type=f.metadata.get("type", _kind(f.type)), default=default,
+            flag, dest=f.name, type=kind, default=default,
             required=required,
             choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"), help=text,
         )  # fmt: skip

@@ -16,7 +16,7 @@ from carsynth.errors import UsageError
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """A summary of a frame file: schema, counts, attributes and a few frame statistics.
 
-    Opening the file checks it against schema v1 (a bad file raises ``UsageError``).
+    Opening the file checks it against its schema version (a bad file raises ``UsageError``).
     """
     with storage.open_frame_file(path) as f:
         summary: dict[str, Any] = {
@@ -29,6 +29,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "size_on_disk": f"{os.path.getsize(path) / 2**20:.1f} MiB",
         }
         if f.episodes is not None:
+            summary["steps"] = f"{f.num_steps} " + (
+                "(+ 1 final observation per episode)"
+                if f.final_observations
+                else "(schema 1: no final observations, so one transition fewer per episode)"
+            )
             lengths, returns = f.episodes["length"], f.episodes["return"]
             summary["episodes"] = f"{f.num_episodes} ({int(f.episodes['holdout'].sum())} holdout)"
             if f.num_episodes:

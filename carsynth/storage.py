@@ -1,13 +1,21 @@
-"""The carsynth frame file: HDF5 schema version 1.
+"""The carsynth frame file: HDF5 schema version 2 (written), versions 1 and 2 (read).
 
-Every file carsynth writes or reads goes through this module. The layout (documented in README.md):
+Every file carsynth writes or reads goes through this module. The layout of a real file (schema
+version 2, in Minari's and gymnasium's names; documented in README.md), E episodes of T_e steps:
 
-``frames``       uint8   (N, H, W, 3)  chunked along N and compressed (``FRAME_CHUNK``)
-``actions``      float32 (N, A)        real files: action i was taken on frame i
-``rewards``      float32 (N,)          real files: reward i followed action i
-``terminated``   bool    (N,)          real files: the env's ``terminated`` after action i
-``truncated``    bool    (N,)          real files: the env's ``truncated`` after action i
-``episodes``     compound (E,)         real files: start, length, seed, return, holdout
+``observations`` uint8   (N + E, H, W, 3) each episode's T_e + 1 observations, the last one the
+                                          observation after its last action; chunked along the
+                                          first axis and compressed (``FRAME_CHUNK``)
+``actions``      float32 (N, A)           action t was taken on the episode's observation t
+``rewards``      float32 (N,)             reward t followed action t
+``terminations`` bool    (N,)             the env's ``terminated`` after action t
+``truncations``  bool    (N,)             the env's ``truncated`` after action t
+``episodes``     compound (E,)            start (first observation row), length (T_e), seed,
+                                          return, holdout, step_start (first step row)
+
+N = sum(T_e). A synthetic file has ``frames`` (N, H, W, 3) only. Version 1 (still read
+everywhere) named the frame dataset ``frames`` and the flags ``terminated``/``truncated``, and
+stored T_e frames per episode (no final observation) with steps at the same rows.
 
 File attributes always include ``schema_version``, ``kind`` ("real" or "synthetic"),
 ``frame_size`` (H, W), ``carsynth_version`` and ``created``; the writer adds its own settings.
@@ -55,7 +63,8 @@ from carsynth import __version__
 from carsynth.errors import UsageError
 from carsynth.files import atomic_write, check_writable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KINDS = ("real", "synthetic")
 
 # Chosen with scripts/bench_storage.py (numbers in README.md, "HDF5 schema"): training reads
@@ -66,7 +75,11 @@ FRAME_CHUNK = 8
 COMPRESSION = "gzip"
 COMPRESSION_OPTS = 4
 
-EPISODE_DTYPE = np.dtype(
+# The episode table. ``start`` is the episode's first row of the frame dataset, ``step_start``
+# its first row of the step datasets, ``length`` its number of steps (actions). Version 2 stores
+# ``length + 1`` observations per episode (the last: the observation after the last action) and
+# adds ``step_start``; in version 1 an episode has ``length`` frames and steps, both at ``start``.
+EPISODE_DTYPE_V1 = np.dtype(
     [
         ("start", "<i8"),
         ("length", "<i8"),
@@ -75,26 +88,51 @@ EPISODE_DTYPE = np.dtype(
         ("holdout", "?"),
     ]
 )
-STEP_DATASETS = ("actions", "rewards", "terminated", "truncated")
+EPISODE_DTYPE = np.dtype([*EPISODE_DTYPE_V1.descr, ("step_start", "<i8")])
+# Step datasets under their schema-v2 names (Minari's and gymnasium's), and the names version 1
+# used for the same data.
+STEP_DATASETS = ("actions", "rewards", "terminations", "truncations")
+V1_NAMES = {"terminations": "terminated", "truncations": "truncated"}
 Split = Literal["all", "train", "holdout"]
 Ranges = list[tuple[int, int]]  # half-open frame index ranges
 
 
+def dataset_names(version: int, kind: str) -> dict[str, str]:
+    """Where the data of a file of this schema version and kind lives: concept -> dataset name.
+
+    ``frames`` is the frame dataset (``observations`` in a version-2 real file, ``frames``
+    otherwise); real files add the step datasets (:data:`STEP_DATASETS`) and ``episodes``.
+    """
+    if kind != "real":
+        return {"frames": "frames"}
+    names = {"frames": "observations" if version >= 2 else "frames", "episodes": "episodes"}
+    for name in STEP_DATASETS:
+        names[name] = V1_NAMES.get(name, name) if version == 1 else name
+    return names
+
+
 @dataclass
 class Episode:
-    """One whole episode as the collector hands it to the writer."""
+    """One whole episode: T actions and the T + 1 observations around them.
+
+    ``observations[t]`` is the observation action ``t`` was taken on and ``observations[T]`` the
+    one after the last action (an episode read from a version-1 file lacks it: T observations).
+    ``rewards[t]``, ``terminations[t]`` and ``truncations[t]`` are what the env returned for
+    action ``t`` (the names and layout of Minari's ``EpisodeData``).
+    """
 
     seed: int
-    frames: np.ndarray  # uint8 (T, H, W, 3)
+    observations: np.ndarray  # uint8 (T + 1, H, W, 3)
     actions: np.ndarray  # float32 (T, A)
     rewards: np.ndarray  # float32 (T,)
-    terminated: np.ndarray  # bool (T,)
-    truncated: np.ndarray  # bool (T,)
+    terminations: np.ndarray  # bool (T,)
+    truncations: np.ndarray  # bool (T,)
     holdout: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return int(self.frames.shape[0])
+        """The number of steps T."""
+        return int(self.actions.shape[0])
 
 
 def is_holdout(seed: int, fraction: float) -> bool:
@@ -144,15 +182,19 @@ def _build(
     frame_size: tuple[int, int],
     action_dim: int | None,
     attrs: Mapping[str, Any],
+    version: int = SCHEMA_VERSION,
 ) -> None:
-    """Create the schema's (empty) datasets and attributes in a new file."""
+    """Create the (empty) datasets and attributes of a new file of schema ``version``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "real" and action_dim is None:
         raise ValueError("real files need action_dim")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"schema version must be one of {READABLE_VERSIONS}, got {version}")
+    names = dataset_names(version, kind)
     height, width = frame_size
     h5.create_dataset(
-        "frames",
+        names["frames"],
         shape=(0, height, width, 3),
         maxshape=(None, height, width, 3),
         dtype=np.uint8,
@@ -173,19 +215,17 @@ def _build(
         h5.create_dataset(
             "rewards", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(step_chunk,)
         )
-        for name in ("terminated", "truncated"):
+        for name in (names["terminations"], names["truncations"]):
             h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=bool, chunks=(step_chunk,))
-        h5.create_dataset(
-            "episodes", shape=(0,), maxshape=(None,), dtype=EPISODE_DTYPE, chunks=(256,)
-        )
+        table = EPISODE_DTYPE if version >= 2 else EPISODE_DTYPE_V1
+        h5.create_dataset("episodes", shape=(0,), maxshape=(None,), dtype=table, chunks=(256,))
     base = {
-        "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "frame_size": [height, width],
         "carsynth_version": __version__,
         "created": now_iso(),
     }
-    for key, value in {**base, **attrs}.items():
+    for key, value in {**base, **attrs, "schema_version": version}.items():
         h5.attrs[key] = _attr_value(value)
 
 
@@ -197,18 +237,20 @@ def create_frame_file(
     action_dim: int | None,
     attrs: Mapping[str, Any],
     overwrite: bool = False,
+    schema_version: int = SCHEMA_VERSION,
 ) -> Path:
     """Create an empty frame file with its datasets and attributes, atomically.
 
     The file is built under a temporary name and renamed into place, so ``path`` either does not
-    exist or is a complete schema-v1 file. ``action_dim`` is required for real files, which carry
-    actions, rewards, episode flags and the episode table.
+    exist or is a complete, empty file. ``action_dim`` is required for real files, which carry
+    actions, rewards, episode flags and the episode table. ``schema_version`` 1 is for joining
+    version-1 files (``merge``); new data is written as version 2.
     """
     path = check_writable(path, overwrite)
 
     def build(tmp: Path) -> None:
         with h5py.File(tmp, "w", libver="latest") as h5:
-            _build(h5, kind, frame_size, action_dim, attrs)
+            _build(h5, kind, frame_size, action_dim, attrs, schema_version)
 
     return atomic_write(path, build)
 
@@ -294,13 +336,18 @@ class FrameWriter:
         self.h5 = h5
         self.path = Path(h5.filename)
         self.h5.swmr_mode = True  # after every dataset exists: SWMR cannot add datasets
+        self.version = int(h5.attrs["schema_version"])
+        self.names = dataset_names(self.version, str(read_attrs(h5)["kind"]))
+        # Observations per episode beyond its steps: the final one, from version 2 on.
+        self.final = int(self.version >= 2 and "episodes" in h5)
+        self.num_episodes, self.num_frames, self.num_steps = 0, len(h5[self.names["frames"]]), 0
         if "episodes" in h5:
             table = h5["episodes"]
             last = table[-1] if len(table) else None
             self.num_episodes = len(table)
-            self.num_frames = int(last["start"] + last["length"]) if last is not None else 0
-        else:
-            self.num_episodes, self.num_frames = 0, len(h5["frames"])
+            self.num_frames = int(last["start"] + last["length"]) + self.final if len(table) else 0
+            step_start = "step_start" if self.version >= 2 else "start"
+            self.num_steps = int(last[step_start] + last["length"]) if len(table) else 0
 
     @classmethod
     def create(
@@ -313,8 +360,9 @@ class FrameWriter:
         attrs: Mapping[str, Any],
         overwrite: bool = False,
     ) -> FrameWriter:
-        """A writer on a new file, built under a temporary name and renamed into place already
-        in SWMR mode, so no reader can hold it in a way that blocks the writer."""
+        """A writer on a new file (schema version 2), built under a temporary name and renamed
+        into place already in SWMR mode, so no reader can hold it in a way that blocks the
+        writer."""
         path = check_writable(path, overwrite)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -355,24 +403,36 @@ class FrameWriter:
                 raise
 
     def append_episode(self, episode: Episode) -> None:
-        """Append one whole episode: its steps, flushed, then its row in the episode table."""
+        """Append one whole episode: its observations and steps, flushed, then its row in the
+        episode table. A version-2 file needs T + 1 observations for T actions; a version-1 file
+        (a collection begun before version 2, resumed) keeps the first T, as that layout did."""
         with self._disk_full_is_one_line():
             self._append_episode(episode)
 
     def _append_episode(self, episode: Episode) -> None:
-        h5, end = self.h5, self.num_frames
-        _extend(h5["frames"], episode.frames, end)
-        _extend(h5["actions"], episode.actions.astype(np.float32), end)
-        _extend(h5["rewards"], episode.rewards.astype(np.float32), end)
-        _extend(h5["terminated"], episode.terminated.astype(bool), end)
-        _extend(h5["truncated"], episode.truncated.astype(bool), end)
-        row = np.array(
-            [(end, len(episode), episode.seed, float(episode.rewards.sum()), episode.holdout)],
-            dtype=EPISODE_DTYPE,
-        )
+        steps, observations = len(episode), episode.observations
+        if not self.final and len(observations) == steps + 1:
+            observations = observations[:steps]
+        if len(observations) != steps + self.final:
+            raise UsageError(
+                f"{self.path}: a schema-{self.version} file stores {steps + self.final} "
+                f"observations for {steps} actions, this episode has {len(episode.observations)}"
+            )
+        h5, names = self.h5, self.names
+        _extend(h5[names["frames"]], observations, self.num_frames)
+        _extend(h5["actions"], episode.actions.astype(np.float32), self.num_steps)
+        _extend(h5["rewards"], episode.rewards.astype(np.float32), self.num_steps)
+        _extend(h5[names["terminations"]], episode.terminations.astype(bool), self.num_steps)
+        _extend(h5[names["truncations"]], episode.truncations.astype(bool), self.num_steps)
+        row = (self.num_frames, steps, episode.seed, float(episode.rewards.sum()), episode.holdout)
+        if self.version >= 2:
+            row = np.array([(*row, self.num_steps)], dtype=EPISODE_DTYPE)
+        else:
+            row = np.array([row], dtype=EPISODE_DTYPE_V1)
         _extend(h5["episodes"], row, self.num_episodes)
         self.num_episodes += 1
-        self.num_frames += len(episode)
+        self.num_frames += steps + self.final
+        self.num_steps += steps
 
     def append_frames(self, frames: np.ndarray) -> None:
         """Append frames to a synthetic file."""
@@ -470,13 +530,13 @@ def writer_lock(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
-def _rewrite(path: Path, end: int | None) -> None:
+def _rewrite(path: Path, ends: Mapping[str, int]) -> None:
     """Copy a file left by a killed writer into a fresh file, renamed into place.
 
     HDF5 refuses to open such a file for writing (its "open for writing" flag is set and its
     end-of-allocation mark is stale), but SWMR read mode sees consistent contents. ``h5py``'s
     ``copy`` (HDF5's H5Ocopy) moves the compressed chunks as they are, so this is a fast copy.
-    With ``end``, the step datasets of the copy are cut back to ``end`` frames. Readers that
+    Each dataset named in ``ends`` is cut back to that many rows in the copy. Readers that
     have the old file open keep reading it undisturbed.
     """
 
@@ -488,8 +548,8 @@ def _rewrite(path: Path, end: int | None) -> None:
                     dst.attrs[key] = value
                 for name in src:
                     src.copy(src[name], dst, name=name)
-                    if end is not None and name in ("frames", *STEP_DATASETS):
-                        dst[name].resize(end, axis=0)
+                    if name in ends:
+                        dst[name].resize(ends[name], axis=0)
             except BaseException as error:
                 _close_after(dst, error)
                 raise
@@ -535,10 +595,14 @@ def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
 
 
 class FrameFile:
-    """A schema-v1 frame file opened for reading, with its contents checked.
+    """A frame file (schema version 1 or 2) opened for reading, with its contents checked.
 
-    Use as a context manager. ``frames`` is the h5py dataset (read slices of it); ``episodes`` the
-    episode table as a NumPy structured array (real files) or ``None`` (synthetic files).
+    Use as a context manager. ``frames`` is the h5py frame dataset (``observations`` in a
+    version-2 real file; read slices of it), ``steps`` the step datasets of a real file under
+    their version-2 names (:data:`STEP_DATASETS`, whatever the file's version), ``episodes`` the
+    episode table as a NumPy structured array with :data:`EPISODE_DTYPE` (a version-1 table gets
+    ``step_start = start``) or ``None`` (synthetic files). ``final_observations`` says whether
+    each episode has its observation after the last action (version 2) or not (version 1).
     ``cache_bytes`` sizes the chunk cache, for readers of single frames (see carsynth.data).
     """
 
@@ -558,53 +622,76 @@ class FrameFile:
 
     def _check(self) -> None:
         self.attrs = read_attrs(self.h5)
-        version = self.attrs.get("schema_version")
-        if version is None or "kind" not in self.attrs:
+        self.version = self.attrs.get("schema_version")
+        if self.version is None or "kind" not in self.attrs:
             raise self._fail("no schema_version/kind attributes")
-        if version != SCHEMA_VERSION:
-            raise self._fail(f"schema version {version}, this carsynth reads {SCHEMA_VERSION}")
+        if self.version not in READABLE_VERSIONS:
+            raise self._fail(
+                f"schema version {self.version}, this carsynth reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+            )
         self.kind = self.attrs["kind"]
         if self.kind not in KINDS:
             raise self._fail(f"kind {self.kind!r}")
-        if "frames" not in self.h5 or not isinstance(self.h5["frames"], h5py.Dataset):
-            raise self._fail("no 'frames' dataset")
-        self.frames: h5py.Dataset = self.h5["frames"]
+        self.names = dataset_names(self.version, self.kind)
+        name = self.names["frames"]
+        if name not in self.h5 or not isinstance(self.h5[name], h5py.Dataset):
+            raise self._fail(f"no '{name}' dataset")
+        self.frames: h5py.Dataset = self.h5[name]
         if self.frames.dtype != np.uint8 or self.frames.ndim != 4 or self.frames.shape[3] != 3:
             raise self._fail(
-                f"'frames' must be uint8 (N, H, W, 3), got {self.frames.dtype} {self.frames.shape}"
+                f"'{name}' must be uint8 (N, H, W, 3), got {self.frames.dtype} {self.frames.shape}"
             )
         self.frame_size = (int(self.frames.shape[1]), int(self.frames.shape[2]))
         if list(self.frame_size) != list(self.attrs.get("frame_size", [])):
             raise self._fail(
                 f"frames are {self.frame_size}, attribute says {self.attrs.get('frame_size')}"
             )
+        self.final_observations = self.kind == "real" and self.version >= 2
         self.episodes: np.ndarray | None = None
+        self.steps: dict[str, h5py.Dataset] = {}
         self.num_frames = int(self.frames.shape[0])
+        self.num_steps = 0
         if self.kind == "real":
-            for name in (*STEP_DATASETS, "episodes"):
-                if name not in self.h5:
-                    raise self._fail(f"real file without '{name}'")
-            self.episodes = self.h5["episodes"][:]
-            if self.episodes.dtype.names != EPISODE_DTYPE.names:
-                raise self._fail("episode table has the wrong columns")
-            negative = np.flatnonzero(self.episodes["length"] < 0)
-            if len(negative):
-                first = self.episodes[negative[0]]
-                raise self._fail(
-                    f"episode {negative[0]} (seed {first['seed']}) has length {first['length']}"
-                )
-            starts = np.concatenate([[0], np.cumsum(self.episodes["length"])[:-1]])
-            if len(self.episodes) and not np.array_equal(starts, self.episodes["start"]):
+            self._check_episodes()
+
+    def _check_episodes(self) -> None:
+        """Read the episode table of a real file and check it against the step datasets."""
+        for concept in (*STEP_DATASETS, "episodes"):
+            if self.names[concept] not in self.h5:
+                raise self._fail(f"real file without '{self.names[concept]}'")
+        self.steps = {name: self.h5[self.names[name]] for name in STEP_DATASETS}
+        stored = self.h5["episodes"][:]
+        expected = EPISODE_DTYPE if self.version >= 2 else EPISODE_DTYPE_V1
+        if set(stored.dtype.names or ()) != set(expected.names):
+            raise self._fail("episode table has the wrong columns")
+        self.episodes = np.zeros(len(stored), dtype=EPISODE_DTYPE)
+        for column in EPISODE_DTYPE.names:
+            self.episodes[column] = stored[column if column in expected.names else "start"]
+        negative = np.flatnonzero(self.episodes["length"] < 0)
+        if len(negative):
+            first = self.episodes[negative[0]]
+            raise self._fail(
+                f"episode {negative[0]} (seed {first['seed']}) has length {first['length']}"
+            )
+        lengths = self.episodes["length"]
+        observations = lengths + int(self.final_observations)
+        for column, counts in (("start", observations), ("step_start", lengths)):
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            if len(self.episodes) and not np.array_equal(starts, self.episodes[column]):
                 raise self._fail("episode table is not contiguous")
-            self.num_frames = int(self.episodes["length"].sum())
-            for name in ("frames", *STEP_DATASETS):
-                if self.h5[name].shape[0] < self.num_frames:
-                    raise self._fail(
-                        f"'{name}' is shorter than the episode table (truncated file?)"
-                    )
+        self.num_frames = int(observations.sum())
+        self.num_steps = int(lengths.sum())
+        for name, need in (("frames", self.num_frames), *((s, self.num_steps) for s in self.steps)):
+            if self.h5[self.names[name]].shape[0] < need:
+                raise self._fail(
+                    f"'{self.names[name]}' is shorter than the episode table (truncated file?)"
+                )
 
     def rows(self, name: str, index: Any) -> np.ndarray:
-        """``index`` of dataset ``name``; a damaged chunk raises :class:`UsageError`."""
+        """``index`` of dataset ``name`` ("frames" or a step dataset, by its version-2 name);
+        a damaged chunk raises :class:`UsageError` naming the file and the dataset."""
+        name = self.names.get(name, name)
         try:
             return self.h5[name][index]
         except (OSError, RuntimeError) as error:
@@ -619,30 +706,31 @@ class FrameFile:
         """Frames past the last episode: left by a writer killed mid-episode, ignored here."""
         return int(self.frames.shape[0]) - self.num_frames
 
-    def episode_mask(self, split: Split) -> np.ndarray:
-        """Which episodes belong to ``split`` ("all", "train" or "holdout")."""
+    def episode_mask(self, split: Split, holdout_seeds: Iterable[int] | None = None) -> np.ndarray:
+        """THE split, per episode: which episodes belong to ``split`` ("all", "train" or
+        "holdout"). The held-out episodes are those whose seed is in ``holdout_seeds``; ``None``
+        takes the file's own holdout flags. :meth:`split_ranges` is the same split in frames."""
         if self.episodes is None:
             if split != "all":
                 raise UsageError(f"{self.path}: a {self.kind} file has no {split} split")
             return np.zeros(0, dtype=bool)
         if split == "all":
             return np.ones(len(self.episodes), dtype=bool)
-        holdout = self.episodes["holdout"].astype(bool)
-        return holdout if split == "holdout" else ~holdout
+        if holdout_seeds is None:
+            held = self.episodes["holdout"].astype(bool)
+        else:
+            held = np.isin(self.episodes["seed"].astype(int), list(holdout_seeds))
+        return held if split == "holdout" else ~held
 
     def frame_ranges(self, split: Split = "all") -> list[tuple[int, int]]:
-        """Half-open frame index ranges of the split, in file order (whole episodes)."""
+        """Half-open frame index ranges of the split, in file order (whole episodes: in a
+        version-2 file each range ends with the episode's final observation)."""
         if self.episodes is None:
             self.episode_mask(split)
             return [(0, self.num_frames)] if self.num_frames else []
         if split != "all":
             return self.split_ranges()[split]  # THE split: one definition
-        chosen = self.episodes
-        return [
-            (int(s), int(s + n))
-            for s, n in zip(chosen["start"], chosen["length"], strict=True)
-            if n
-        ]
+        return self._episode_ranges(self.episodes)
 
     def holdout_seeds(self, fraction: float | None = None) -> list[int]:
         """Seeds of the held-out episodes: the file's flags, or ``is_holdout(seed, fraction)``."""
@@ -656,21 +744,22 @@ class FrameFile:
     def split_ranges(self, holdout_seeds: Iterable[int] | None = None) -> dict[str, Ranges]:
         """THE train/holdout split: frame ranges (whole episodes, file order) of each side.
 
-        The held-out episodes are those whose seed is in ``holdout_seeds``; ``None`` takes the
-        file's own holdout flags. A file without episodes (synthetic) is all "train".
+        The held-out episodes are those of :meth:`episode_mask` (``holdout_seeds``, or the
+        file's own flags); each episode gives all its stored observations, so in a version-2 file
+        its final one too (T + 1 frames; T in version 1). A file without episodes (synthetic) is
+        all "train".
         """
         if self.episodes is None:
             return {"train": self.frame_ranges("all"), "holdout": []}
-        if holdout_seeds is None:
-            held = self.episodes["holdout"].astype(bool)
-        else:
-            held = np.isin(self.episodes["seed"].astype(int), list(holdout_seeds))
-        out: dict[str, Ranges] = {"train": [], "holdout": []}
-        for row, is_held in zip(self.episodes, held, strict=True):
-            if row["length"]:
-                a = int(row["start"])
-                out["holdout" if is_held else "train"].append((a, a + int(row["length"])))
-        return out
+        return {
+            split: self._episode_ranges(self.episodes[self.episode_mask(split, holdout_seeds)])
+            for split in ("train", "holdout")
+        }
+
+    def _episode_ranges(self, rows: np.ndarray) -> Ranges:
+        """Frame (observation) ranges of episode-table ``rows``, the final observations included."""
+        ends = rows["start"] + rows["length"] + int(self.final_observations)
+        return [(int(a), int(b)) for a, b in zip(rows["start"], ends, strict=True) if b > a]
 
     def read_ranges(self, ranges: Ranges) -> np.ndarray:
         """The frames of ``ranges`` as one uint8 array (N, H, W, 3)."""
@@ -694,6 +783,19 @@ class FrameFile:
         if not parts:
             return np.zeros((0, *self.frame_size, 3), dtype=np.uint8)
         return np.concatenate(parts)
+
+    def episode(self, index: int) -> Episode:
+        """Episode ``index`` of a real file, read whole: its observations (``length + 1`` in a
+        version-2 file, ``length`` in a version-1 file: see ``final_observations``) and steps."""
+        row = self.episodes[index]
+        a = int(row["start"])
+        s, t = int(row["step_start"]), int(row["step_start"] + row["length"])
+        return Episode(
+            seed=int(row["seed"]),
+            observations=self.rows("frames", slice(a, a + t - s + int(self.final_observations))),
+            **{name: self.rows(name, slice(s, t)) for name in self.steps},
+            holdout=bool(row["holdout"]),
+        )
 
     def close(self) -> None:
         self.h5.close()
@@ -727,10 +829,13 @@ def repair(path: str | os.PathLike) -> int:
             raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
         killed = True
     with FrameFile(path) as frame_file:
-        end, trailing = frame_file.num_frames, frame_file.trailing_frames
-        real = frame_file.kind == "real"
-    if killed or trailing:
-        _rewrite(path, end if real else None)
+        trailing = frame_file.trailing_frames
+        ends = {frame_file.names["frames"]: frame_file.num_frames}
+        if frame_file.kind == "real":
+            ends.update({frame_file.names[n]: frame_file.num_steps for n in STEP_DATASETS})
+        cut = any(frame_file.h5[name].shape[0] > end for name, end in ends.items())
+    if killed or cut:
+        _rewrite(path, ends)
     return trailing
 
 
@@ -780,6 +885,7 @@ def merge(
                 action_dim=action_dim,
                 attrs=attrs,
                 overwrite=True,
+                schema_version=files[0].version,
             )
             if virtual:
                 _write_virtual(tmp, files)
@@ -799,35 +905,32 @@ def merge(
 
 def iter_episodes(frame_file: FrameFile) -> Iterable[Episode]:
     """The episodes of a real file, one at a time (memory holds one episode)."""
-    for row in frame_file.episodes:
-        steps = slice(int(row["start"]), int(row["start"] + row["length"]))
-        yield Episode(
-            seed=int(row["seed"]),
-            frames=frame_file.rows("frames", steps),
-            actions=frame_file.rows("actions", steps),
-            rewards=frame_file.rows("rewards", steps),
-            terminated=frame_file.rows("terminated", steps),
-            truncated=frame_file.rows("truncated", steps),
-            holdout=bool(row["holdout"]),
-        )
+    for index in range(frame_file.num_episodes):
+        yield frame_file.episode(index)
 
 
 def _write_virtual(path: Path, files: Sequence[FrameFile]) -> None:
-    """Replace the (empty) step datasets of ``path`` by virtual datasets over ``files``."""
-    total = sum(f.num_frames for f in files)
-    with h5py.File(path, "a", libver="latest") as h5:
-        for name in ("frames", *STEP_DATASETS):
-            source0 = files[0].h5[name]
-            layout = h5py.VirtualLayout(shape=(total, *source0.shape[1:]), dtype=source0.dtype)
-            at = 0
-            for f in files:
-                n = f.num_frames
-                rel = os.path.relpath(f.path.resolve(), path.resolve().parent)
-                layout[at : at + n] = h5py.VirtualSource(rel, name, shape=f.h5[name].shape)[:n]
-                at += n
+    """Replace the (empty) datasets of ``path`` by virtual datasets over ``files``."""
+    names = files[0].names
+    for concept in ("frames", *STEP_DATASETS):
+        counts = [f.num_frames if concept == "frames" else f.num_steps for f in files]
+        name = names[concept]
+        source0 = files[0].h5[name]
+        layout = h5py.VirtualLayout(shape=(sum(counts), *source0.shape[1:]), dtype=source0.dtype)
+        at = 0
+        for f, n in zip(files, counts, strict=True):
+            rel = os.path.relpath(f.path.resolve(), path.resolve().parent)
+            layout[at : at + n] = h5py.VirtualSource(rel, name, shape=f.h5[name].shape)[:n]
+            at += n
+        with h5py.File(path, "a", libver="latest") as h5:
             del h5[name]
             h5.create_virtual_dataset(name, layout)
-        table = np.concatenate([f.episodes for f in files])
-        table["start"] = np.concatenate([[0], np.cumsum(table["length"])[:-1]])
+    table = np.concatenate([f.episodes for f in files])
+    final = int(files[0].final_observations)
+    for column, counts in (("start", table["length"] + final), ("step_start", table["length"])):
+        table[column] = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    if files[0].version == 1:
+        table = table[list(EPISODE_DTYPE_V1.names)].astype(EPISODE_DTYPE_V1)
+    with h5py.File(path, "a", libver="latest") as h5:
         del h5["episodes"]
         h5.create_dataset("episodes", data=table, maxshape=(None,), chunks=(256,))

@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import gymnasium as gym
-import h5py
 import numpy as np
 import pygame
 
 import carsynth  # noqa: F401 - registers carsynth/CarRacingFast-v3
+from carsynth import storage
 from carsynth.collect import make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +119,8 @@ def collect_command(renderer: str, episodes: int, max_steps: int, out: Path) -> 
     cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     if process.returncode != 0:
         raise SystemExit(f"carsynth collect --renderer {renderer} failed")
-    with h5py.File(out, "r") as h5:
-        frames = len(h5["frames"])
-        recorded = h5.attrs["renderer"]
+    with storage.open_frame_file(out) as f:
+        frames, recorded = f.num_frames, f.attrs["renderer"]
     return {
         "frames": frames, "seconds": seconds, "cpu_seconds": cpu, "main_rss_mib": peak,
         "renderer": recorded,

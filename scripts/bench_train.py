@@ -39,6 +39,7 @@ class H5Frames(Dataset):
         self.path = path
         with storage.open_frame_file(path) as f:
             self.rows = np.concatenate([np.arange(a, b) for a, b in f.frame_ranges("train")])
+            self.name = f.frames.name  # "frames" or, in a schema-2 real file, "observations"
         self.h5: h5py.File | None = None
 
     def __len__(self) -> int:
@@ -47,7 +48,7 @@ class H5Frames(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.h5 is None:
             self.h5 = h5py.File(self.path, "r")
-        frame = torch.from_numpy(self.h5["frames"][int(self.rows[i])])
+        frame = torch.from_numpy(self.h5[self.name][int(self.rows[i])])
         return to_float(frame)
 
 

@@ -58,9 +58,10 @@ def write_files(folder: Path, num_real: int, num_fake: int) -> tuple[Path, Path]
         )
         episodes = [
             storage.Episode(
-                seed=i, frames=real[a : a + EPISODE], actions=np.zeros((EPISODE, 3), np.float32),
-                rewards=np.zeros(EPISODE, np.float32), terminated=np.zeros(EPISODE, bool),
-                truncated=np.zeros(EPISODE, bool), holdout=i % 10 == 3,
+                seed=i, observations=real[a : a + EPISODE],
+                actions=np.zeros((EPISODE, 3), np.float32),
+                rewards=np.zeros(EPISODE, np.float32), terminations=np.zeros(EPISODE, bool),
+                truncations=np.zeros(EPISODE, bool), holdout=i % 10 == 3,
             )
             for i, a in enumerate(range(0, num_real, EPISODE))
         ]  # fmt: skip

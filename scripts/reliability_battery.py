@@ -89,7 +89,7 @@ def is_prefix(path: Path, reference: Path) -> bool:
     """Whether ``path`` holds whole episodes that are the reference's first ones, exactly."""
     with storage.open_frame_file(path) as got, storage.open_frame_file(reference) as want:
         n = got.num_episodes
-        if got.num_frames != int(got.episodes["length"].sum()):
+        if got.num_steps != int(got.episodes["length"].sum()) or got.trailing_frames:
             return False
         if not np.array_equal(got.episodes, want.episodes[:n]):
             return False

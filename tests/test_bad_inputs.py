@@ -23,11 +23,11 @@ SIZE = 8
 def episode(seed: int, length: int = 12) -> storage.Episode:
     return storage.Episode(
         seed=seed,
-        frames=np.full((length, SIZE, SIZE, 3), seed * 10, np.uint8),
+        observations=np.full((length + 1, SIZE, SIZE, 3), seed * 10, np.uint8),
         actions=np.zeros((length, 3), np.float32),
         rewards=np.ones(length, np.float32),
-        terminated=np.arange(length) == length - 1,
-        truncated=np.zeros(length, bool),
+        terminations=np.arange(length) == length - 1,
+        truncations=np.zeros(length, bool),
     )
 
 
@@ -45,9 +45,9 @@ def edit_table(path: Path, column: str, values: list[int]) -> None:
 
 
 def corrupt_a_chunk(path: Path) -> None:
-    """Overwrite the compressed bytes of one frames chunk (what a bad disk sector leaves)."""
+    """Overwrite the compressed bytes of one frame chunk (what a bad disk sector leaves)."""
     with h5py.File(path, "r") as h5:
-        chunk = h5["frames"].id.get_chunk_info(1)
+        chunk = h5["observations"].id.get_chunk_info(1)
     with open(path, "r+b") as handle:
         handle.seek(chunk.byte_offset + 2)
         handle.write(b"\xff" * (chunk.size - 4))
@@ -79,9 +79,10 @@ def world(tmp_path_factory):
     storage.create_frame_file(
         d / "empty.h5", kind="real", frame_size=(SIZE, SIZE), action_dim=3, attrs={}
     )
-    edit_table(real_file(d / "negative.h5"), "length", [14, -2])  # starts [0, 12] ...
-    edit_table(d / "negative.h5", "start", [0, 14])  # ... made to agree with the lengths
-    edit_table(real_file(d / "gap.h5"), "start", [0, 13])
+    edit_table(real_file(d / "negative.h5"), "length", [14, -2])  # starts [0, 13] ...
+    edit_table(d / "negative.h5", "start", [0, 15])  # ... made to agree with the lengths
+    edit_table(d / "negative.h5", "step_start", [0, 14])
+    edit_table(real_file(d / "gap.h5"), "start", [0, 14])  # 12 steps: 13 observations
     edit_table(real_file(d / "long.h5"), "length", [12, 40])
     edit_table(real_file(d / "negative_start.h5"), "start", [0, -5])
     corrupt_a_chunk(real_file(d / "corrupt.h5", seeds=(0, 1, 2)))
@@ -149,7 +150,7 @@ CASES = [
     ("merge {d}/overlap.h5 --out {d}/real.h5", "{d}/real.h5 exists; pass --overwrite"),
     ("merge {d}/real.h5 --out {d}/nowhere/m.h5", "{d}/nowhere/m.h5: folder {d}/nowhere does"),
     ("merge {d}/real.h5 --out {d}/ro/m.h5", "{d}/ro/m.h5: cannot create the lock file"),
-    ("merge {d}/corrupt.h5 --out {d}/m.h5", "{d}/corrupt.h5: cannot read 'frames' (damaged?"),
+    ("merge {d}/corrupt.h5 --out {d}/m.h5", "{d}/corrupt.h5: cannot read 'observations' (damaged?"),
     ("merge {d}/negative.h5 --out {d}/m.h5", "{d}/negative.h5: not a carsynth frame file"),
     ("merge --out {d}/m.h5", "carsynth merge: the following arguments are required: inputs"),
     # info: files
@@ -165,8 +166,8 @@ CASES = [
         "info {d}/negative_start.h5",
         "{d}/negative_start.h5: not a carsynth frame file (episode table is not contiguous",
     ),  # fmt: skip
-    ("info {d}/long.h5", "{d}/long.h5: not a carsynth frame file ('frames' is shorter than"),
-    ("info {d}/corrupt.h5", "{d}/corrupt.h5: cannot read 'frames' (damaged?"),
+    ("info {d}/long.h5", "{d}/long.h5: not a carsynth frame file ('observations' is shorter"),
+    ("info {d}/corrupt.h5", "{d}/corrupt.h5: cannot read 'observations' (damaged?"),
     # info --grid
     ("info {d}/real.h5 --grid {d}/sheet.png", "{d}/sheet.png exists; pass --overwrite"),
     ("info {d}/real.h5 --grid {d}/g.png --grid-size 0", "--grid-size must be at least 1, got 0"),

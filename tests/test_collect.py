@@ -29,7 +29,7 @@ TINY = dict(max_steps=70, skip_frames=50, progress=False)
 
 def read_all(path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as h5:
-        return {name: h5[name][:] for name in ("frames", "actions", "rewards", "episodes")}
+        return {name: h5[name][:] for name in ("observations", *storage.STEP_DATASETS, "episodes")}
 
 
 def assert_same_contents(a, b) -> None:
@@ -41,12 +41,12 @@ def assert_same_contents(a, b) -> None:
 def test_frames_actions_and_episode_table(tmp_path):
     path = collect(CollectConfig(out=str(tmp_path / "a.h5"), episodes=2, workers=1, **TINY))
     with storage.open_frame_file(path) as f:
-        assert f.frames.shape == (40, 64, 64, 3)
+        assert f.version == 2 and f.frames.shape == (42, 64, 64, 3)  # 20 steps + 1 per episode
         assert list(f.episodes["seed"]) == [0, 1] and list(f.episodes["length"]) == [20, 20]
         actions = f.h5["actions"][:]
         assert actions.shape == (40, 3) and actions.dtype == np.float32
         assert np.all(actions[:, 0] >= -1) and np.all(actions[:, 1:] >= 0)
-        assert f.h5["truncated"][19] and not f.h5["truncated"][:19].any()  # 70-step limit
+        assert f.h5["truncations"][19] and not f.h5["truncations"][:19].any()  # 70-step limit
         assert f.attrs["policy"] == "pilot" and f.attrs["max_steps"] == 70
         frames = f.read()
     assert frames.std() > 10  # real pictures, not blank frames
@@ -55,7 +55,28 @@ def test_frames_actions_and_episode_table(tmp_path):
 def test_frame_skip_repeats_actions(tmp_path):
     config = CollectConfig(out=str(tmp_path / "a.h5"), episodes=1, workers=1, frame_skip=4, **TINY)
     with storage.open_frame_file(collect(config)) as f:
-        assert f.num_frames == 5  # 20 recorded steps / 4
+        assert f.num_steps == 5 and f.num_frames == 6  # 20 recorded steps / 4, + final
+
+
+def test_final_observation_is_what_env_step_returned(tmp_path):
+    """Replaying the stored actions from the same seed gives every stored observation, the one
+    after the last action included (T + 1 for T actions), processed (HUD crop, resize) alike."""
+    config = CollectConfig(
+        out=str(tmp_path / "a.h5"), episodes=1, workers=1, max_steps=40, skip_frames=0,
+        frame_skip=2, crop_hud=True, progress=False,
+    )  # fmt: skip
+    with storage.open_frame_file(collect(config)) as f:
+        episode = f.episode(0)
+    assert len(episode) == 20 and len(episode.observations) == 21
+    env = config.env_settings.make()
+    observation, _ = env.reset(seed=0)
+    replayed = [process_frame(observation, 64, crop_hud=True)]
+    for action in episode.actions:
+        for _ in range(2):
+            observation, _, terminated, truncated, _ = env.step(action)
+        replayed.append(process_frame(observation, 64, crop_hud=True))
+    assert truncated and episode.truncations[-1] and not episode.truncations[:-1].any()
+    np.testing.assert_array_equal(np.array(replayed), episode.observations)
 
 
 def test_worker_count_does_not_change_the_file(tmp_path):
@@ -100,7 +121,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_file(tmp_path):
     with storage.open_frame_file(killed) as f:  # whole episodes only
         kept = f.num_episodes
         assert 2 <= kept < 6
-        assert f.num_frames == 40 * kept
+        assert f.num_frames == 41 * kept
     result = run_cli(*args, "--out", str(killed), "--resume")
     assert result.returncode == 0, result.stderr
     full = run_cli(*args, "--out", str(tmp_path / "full.h5"))
@@ -316,7 +337,7 @@ def test_interrupt_stops_and_prints_the_resume_command(tmp_path, signum):
     command = line.partition("continue with: ")[2]
     assert command == shlex.join(["carsynth", *args[:-1], "--resume"])
     with storage.open_frame_file(out) as f:  # whole episodes only, the file closed cleanly
-        assert 2 <= f.num_episodes < 6 and f.num_frames == 40 * f.num_episodes
+        assert 2 <= f.num_episodes < 6 and f.num_frames == 41 * f.num_episodes
     h5py.File(out, "r").close()
     assert run_cli(*shlex.split(command)[1:]).returncode == 0
     full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=6, workers=1,
@@ -362,8 +383,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_episodes(tmp_path):
             assert ("no space left" if mounted else "file too large") in line or "MiB free" in line
             with storage.open_frame_file(out) as f:
                 kept = f.num_episodes
-                assert 5 <= kept < 30 and f.num_frames == 10 * kept
-                assert len(f.read()) == 10 * kept
+                assert 5 <= kept < 30 and f.num_frames == 11 * kept
+                assert len(f.read()) == 11 * kept
         if mounted:
             (disk / "ballast").unlink()
         limit = None

@@ -16,6 +16,7 @@ from gymnasium.utils.env_checker import check_env
 from pygame import gfxdraw
 
 import carsynth  # noqa: F401 - registers carsynth/CarRacingFast-v3
+from carsynth import storage
 from carsynth.collect import CollectConfig, collect, make_policy
 from carsynth.collect import workers as collect_workers
 from carsynth.envs import (
@@ -206,8 +207,8 @@ def test_collect_falls_back_to_stock_with_one_warning_line(tmp_path, monkeypatch
     assert warning[0].endswith("collecting with --renderer stock")
     with h5py.File(fast, "r") as a, h5py.File(fallback, "r") as b:
         assert (a.attrs["renderer"], b.attrs["renderer"]) == ("fast", "stock")
-        assert a["frames"].shape == (10, 64, 64, 3)
-        np.testing.assert_array_equal(a["frames"][:], b["frames"][:])
+        assert a["observations"].shape == (11, 64, 64, 3)  # 10 steps + the final observation
+        np.testing.assert_array_equal(a["observations"][:], b["observations"][:])
         np.testing.assert_array_equal(a["rewards"][:], b["rewards"][:])
 
 
@@ -218,12 +219,19 @@ def test_fast_renderer_reproduces_the_shipped_fixture(tmp_path, fixture_file):
         out=str(tmp_path / "shard.h5"), episodes=8, shard=(0, 4), max_steps=250, seed=0,
         workers=1, renderer="fast", progress=False,
     )  # fmt: skip
-    with h5py.File(collect(config), "r") as new, h5py.File(fixture_file, "r") as shipped:
-        assert new.attrs["renderer"] == "fast"
-        count = len(new["frames"])
-        assert count == 400
-        for name in ("frames", "actions", "rewards", "terminated", "truncated"):
-            np.testing.assert_array_equal(new[name][:], shipped[name][:count], err_msg=name)
+    # The fixture is schema version 1: the same episodes without their final observations.
+    with (
+        storage.open_frame_file(collect(config)) as new,
+        storage.open_frame_file(fixture_file) as shipped,
+    ):
+        assert new.attrs["renderer"] == "fast" and new.num_steps == 400
+        for index in range(2):
+            ours, theirs = new.episode(index), shipped.episode(index)
+            np.testing.assert_array_equal(ours.observations[:-1], theirs.observations)
+            for name in ("actions", "rewards", "terminations", "truncations"):
+                np.testing.assert_array_equal(
+                    getattr(ours, name), getattr(theirs, name), err_msg=name
+                )
 
 
 def test_cli_rejects_an_unknown_renderer(tmp_path):

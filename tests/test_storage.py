@@ -1,4 +1,4 @@
-"""The HDF5 schema v1: layout, attributes, crash safety, splits, merge and bad files."""
+"""The HDF5 schema (v2 written, v1 read): layout, crash safety, splits, merge, bad files."""
 
 from __future__ import annotations
 
@@ -17,21 +17,28 @@ from carsynth import storage
 from carsynth.errors import UsageError
 
 
-def make_episode(seed: int, length: int, size: int = 8, holdout: bool = False) -> storage.Episode:
+def make_episode(
+    seed: int, length: int, size: int = 8, holdout: bool = False, final: bool = True
+) -> storage.Episode:
+    """An episode of ``length`` steps: ``length + 1`` observations (``length`` without ``final``,
+    as version 1 stored them)."""
     rng = np.random.default_rng(seed)
     return storage.Episode(
         seed=seed,
-        frames=rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
+        observations=rng.integers(0, 256, (length + final, size, size, 3), dtype=np.uint8),
         actions=rng.normal(size=(length, 3)).astype(np.float32),
         rewards=rng.normal(size=length).astype(np.float32),
-        terminated=np.arange(length) == length - 1,
-        truncated=np.zeros(length, dtype=bool),
+        terminations=np.arange(length) == length - 1,
+        truncations=np.zeros(length, dtype=bool),
         holdout=holdout,
     )
 
 
-def new_file(path, size: int = 8, **attrs) -> None:
-    storage.create_frame_file(path, kind="real", frame_size=(size, size), action_dim=3, attrs=attrs)
+def new_file(path, size: int = 8, version: int = storage.SCHEMA_VERSION, **attrs) -> None:
+    storage.create_frame_file(
+        path, kind="real", frame_size=(size, size), action_dim=3, attrs=attrs,
+        schema_version=version,
+    )  # fmt: skip
 
 
 def test_fixture_follows_schema(fixture_file):
@@ -60,18 +67,90 @@ def test_roundtrip_and_splits(tmp_path):
     path = tmp_path / "a.h5"
     new_file(path, policy="test")
     episodes = [make_episode(0, 5), make_episode(1, 7, holdout=True), make_episode(2, 0)]
-    assert storage.append_episodes(path, episodes[:2]) == 12
+    assert storage.append_episodes(path, episodes[:2]) == 14  # 6 + 8 observations
     storage.append_episodes(path, episodes[2:])
+    with h5py.File(path, "r") as h5:  # the layout a user reads without carsynth
+        assert h5.attrs["schema_version"] == 2
+        assert sorted(h5) == ["actions", "episodes", "observations", "rewards", "terminations",
+                              "truncations"]  # fmt: skip
+        assert h5["observations"].shape == (15, 8, 8, 3) and h5["actions"].shape == (12, 3)
+        table = h5["episodes"][:]
+        assert list(table["start"]) == [0, 6, 14] and list(table["step_start"]) == [0, 5, 12]
+        assert list(table["length"]) == [5, 7, 0]
+        np.testing.assert_array_equal(h5["observations"][6:14], episodes[1].observations)
+        np.testing.assert_array_equal(h5["terminations"][5:12], episodes[1].terminations)
     with storage.open_frame_file(path) as f:
-        assert f.num_frames == 12 and f.num_episodes == 3
-        assert f.attrs["policy"] == "test"
-        np.testing.assert_array_equal(f.read("holdout"), episodes[1].frames)
-        np.testing.assert_array_equal(f.read("train"), episodes[0].frames)
-        np.testing.assert_array_equal(f.read("all", limit=6)[5], episodes[1].frames[0])
-        assert f.count("train") == 5 and f.frame_ranges("holdout") == [(5, 12)]
+        assert f.num_frames == 15 and f.num_steps == 12 and f.num_episodes == 3
+        assert f.final_observations and f.attrs["policy"] == "test"
+        np.testing.assert_array_equal(f.read("holdout"), episodes[1].observations)
+        np.testing.assert_array_equal(f.read("all", limit=7)[6], episodes[1].observations[0])
+        assert f.count("train") == 7 and f.frame_ranges("holdout") == [(6, 14)]
         back = list(storage.iter_episodes(f))
-    np.testing.assert_array_equal(back[1].actions, episodes[1].actions)
-    np.testing.assert_array_equal(back[1].terminated, episodes[1].terminated)
+    for wrote, read in zip(episodes, back, strict=True):
+        for name in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(getattr(read, name), getattr(wrote, name))
+        assert (read.seed, read.holdout) == (wrote.seed, wrote.holdout)
+
+
+def test_the_one_split_gives_whole_v2_episodes_with_their_final_observation(tmp_path):
+    # Training, rundir.run_frames, validation's real_splits and carsynth.data all read frames
+    # through split_ranges / episode_mask: in a version-2 file an episode's frames are its
+    # T + 1 observations (before the merge, split_ranges cut each v2 episode's final one).
+    from carsynth.validation import real_splits
+
+    path = tmp_path / "a.h5"
+    new_file(path)
+    episodes = [make_episode(0, 5), make_episode(1, 7, holdout=True), make_episode(2, 3)]
+    storage.append_episodes(path, episodes)
+    with storage.open_frame_file(path) as f:
+        assert f.split_ranges() == {"train": [(0, 6), (14, 18)], "holdout": [(6, 14)]}
+        assert f.split_ranges(holdout_seeds=[2]) == {"train": [(0, 6), (6, 14)],
+                                                     "holdout": [(14, 18)]}  # fmt: skip
+        assert list(f.episode_mask("holdout", holdout_seeds=[2])) == [False, False, True]
+        assert f.frame_ranges("train") == f.split_ranges()["train"]
+        train, holdout, _ = real_splits(f)
+    np.testing.assert_array_equal(holdout, episodes[1].observations)
+    np.testing.assert_array_equal(
+        train, np.concatenate([episodes[0].observations, episodes[2].observations])
+    )
+
+
+def test_a_v2_file_needs_the_final_observation(tmp_path):
+    path = tmp_path / "a.h5"
+    new_file(path)
+    with pytest.raises(
+        UsageError, match="a.h5: a schema-2 file stores 4 observations for 3 actions"
+    ):
+        storage.append_episodes(path, [make_episode(0, 3, final=False)])
+
+
+def test_version_1_files_are_still_read_and_merged(tmp_path, fixture_file):
+    with storage.open_frame_file(fixture_file) as f:  # the shipped fixture is version 1
+        assert f.version == 1 and not f.final_observations
+        assert f.num_frames == f.num_steps == 1600 and f.frame_ranges("holdout") == [(600, 800)]
+        episode = f.episode(3)
+        assert len(episode) == 200 and len(episode.observations) == 200  # no final observation
+        np.testing.assert_array_equal(episode.actions, f.h5["actions"][600:800])
+        np.testing.assert_array_equal(episode.terminations, f.h5["terminated"][600:800])
+        assert list(f.episodes["step_start"]) == list(f.episodes["start"])
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    new_file(a, version=1, shard="0/2")
+    new_file(b, version=1, shard="1/2")
+    storage.append_episodes(a, [make_episode(0, 3, final=False)])
+    storage.append_episodes(b, [make_episode(1, 4)])  # a v1 file keeps T of the T + 1
+    merged = storage.merge([a, b], tmp_path / "m.h5")
+    with h5py.File(merged, "r") as h5:
+        assert h5.attrs["schema_version"] == 1 and "frames" in h5 and "terminated" in h5
+        assert h5["episodes"].dtype == storage.EPISODE_DTYPE_V1
+    with storage.open_frame_file(merged) as f:
+        np.testing.assert_array_equal(
+            f.episode(1).observations, make_episode(1, 4, final=False).observations
+        )
+    v2 = tmp_path / "v2.h5"
+    new_file(v2, shard="1/2")
+    storage.append_episodes(v2, [make_episode(1, 4)])
+    with pytest.raises(UsageError, match="settings differ.*schema_version"):
+        storage.merge([a, v2], tmp_path / "mixed.h5")
 
 
 def test_create_never_overwrites(tmp_path):
@@ -81,7 +160,7 @@ def test_create_never_overwrites(tmp_path):
     with pytest.raises(UsageError, match="exists; pass --overwrite"):
         new_file(path)
     with storage.open_frame_file(path) as f:
-        assert f.num_frames == 3
+        assert f.num_frames == 4
     assert [p.name for p in tmp_path.iterdir()] == ["a.h5"]  # no temp file left behind
 
 
@@ -97,22 +176,22 @@ def test_trailing_frames_are_ignored_and_repaired(tmp_path):
     new_file(path)
     storage.append_episodes(path, [make_episode(0, 4)])
     with h5py.File(path, "a") as h5:  # an episode whose table row never landed
-        for name in ("frames", *storage.STEP_DATASETS):
+        for name in ("observations", *storage.STEP_DATASETS):
             h5[name].resize(9, axis=0)
     with storage.open_frame_file(path) as f:
-        assert f.num_frames == 4 and f.trailing_frames == 5
-    assert storage.repair(path) == 5
+        assert f.num_frames == 5 and f.trailing_frames == 4
+    assert storage.repair(path) == 4
     with h5py.File(path, "r") as h5:
-        assert h5["frames"].shape[0] == 4 and h5["rewards"].shape[0] == 4
+        assert h5["observations"].shape[0] == 5 and h5["rewards"].shape[0] == 4
 
 
 KILL_MID_APPEND = """
 import os, signal, sys, h5py, numpy as np
 f = h5py.File(sys.argv[1], "a", libver="latest")
 f.swmr_mode = True
-f["frames"].resize(3, axis=0)
-f["frames"][:] = 7
-f["frames"].flush()
+f["observations"].resize(4, axis=0)
+f["observations"][:] = 7
+f["observations"].flush()
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -126,10 +205,10 @@ def test_kill_inside_an_append_leaves_a_readable_file(tmp_path):
     with pytest.raises(OSError, match="already open for write"):
         h5py.File(path, "r")
     with storage.open_frame_file(path) as f:  # carsynth reads it (SWMR read mode)
-        assert f.num_frames == 2 and f.trailing_frames == 1
+        assert f.num_frames == 3 and f.trailing_frames == 1
     assert storage.repair(path) == 1
     with h5py.File(path, "r") as h5:  # and afterwards plain h5py does too
-        assert h5["frames"].shape[0] == 2
+        assert h5["observations"].shape[0] == 3
 
 
 @pytest.mark.parametrize("virtual", [False, True])
@@ -143,11 +222,16 @@ def test_merge_joins_shards_in_seed_order(tmp_path, virtual):
     storage.merge([b, a], out, virtual=virtual)  # order of the inputs does not matter
     with storage.open_frame_file(out) as f:
         assert list(f.episodes["seed"]) == [0, 1, 2]
-        assert list(f.episodes["start"]) == [0, 3, 7]
-        np.testing.assert_array_equal(f.read("holdout"), make_episode(2, 5).frames)
+        np.testing.assert_array_equal(f.read("holdout"), make_episode(2, 5).observations)
         np.testing.assert_array_equal(f.h5["actions"][3:7], make_episode(1, 4).actions)
+        np.testing.assert_array_equal(f.episode(1).observations, make_episode(1, 4).observations)
+        assert list(f.episodes["start"]) == [0, 4, 9] and list(f.episodes["step_start"]) == [
+            0,
+            3,
+            7,
+        ]
         assert f.attrs["merged_from"]
-        assert f.h5["frames"].is_virtual == virtual
+        assert f.h5["observations"].is_virtual == f.h5["rewards"].is_virtual == virtual
 
 
 def test_merge_refuses_different_settings(tmp_path):
@@ -176,9 +260,9 @@ def test_bad_files_name_the_file(tmp_path):
     wrong = tmp_path / "wrong.h5"
     new_file(wrong)
     with h5py.File(wrong, "a") as h5:
-        del h5["frames"]
-        h5["frames"] = np.zeros((2, 8, 8, 3), np.float32)
-    with pytest.raises(UsageError, match=r"'frames' must be uint8 \(N, H, W, 3\)"):
+        del h5["observations"]
+        h5["observations"] = np.zeros((2, 8, 8, 3), np.float32)
+    with pytest.raises(UsageError, match=r"'observations' must be uint8 \(N, H, W, 3\)"):
         storage.open_frame_file(wrong)
 
 

@@ -74,7 +74,9 @@ def test_real_file_without_holdout_is_refused_naming_the_flag(tmp_path, fixture_
     # There used to be a private seeded split here, different from train --holdout's.
     path = tmp_path / "no_holdout.h5"
     with storage.open_frame_file(fixture_file) as f:
-        storage.create_frame_file(path, kind="real", frame_size=(64, 64), action_dim=3, attrs={})
+        storage.create_frame_file(
+            path, kind="real", frame_size=(64, 64), action_dim=3, attrs={}, schema_version=1
+        )
         episodes = list(storage.iter_episodes(f))
     for episode in episodes:
         episode.holdout = False

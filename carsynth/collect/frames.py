@@ -79,6 +79,63 @@ def process_frame(observation: np.ndarray, size: int, crop_hud: bool) -> np.ndar
     return np.asarray(image, dtype=np.uint8)
 
 
+class RecordedFrames(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """An env that gives the observations carsynth records: the frame processing as a wrapper.
+
+    ``reset`` drives the first ``skip_frames`` env steps (the zoom-in) with a zero action and
+    returns the frame after them; ``step`` repeats the action ``frame_skip`` times (stopping at
+    the end of the episode) and returns the summed reward. Observations are
+    :func:`process_frame`'s ``size`` x ``size`` uint8 frames (HUD cropped with ``crop_hud``).
+    This is the env a converted Minari dataset recovers (``carsynth convert --to minari``). The
+    collector lets its policy drive the zoom-in instead of the zero action, so the first frame of
+    a recorded episode may show the car a little further on than this wrapper's first frame.
+    """
+
+    def __init__(
+        self,
+        env: gym.Env,
+        size: int = 64,
+        crop_hud: bool = False,
+        skip_frames: int = 50,
+        frame_skip: int = 1,
+    ) -> None:
+        # Recorded so that env.spec (and a Minari dataset's spec) can rebuild this wrapper.
+        gym.utils.RecordConstructorArgs.__init__(
+            self, size=size, crop_hud=crop_hud, skip_frames=skip_frames, frame_skip=frame_skip
+        )
+        gym.Wrapper.__init__(self, env)
+        self.settings = FrameSettings(size, crop_hud, skip_frames, frame_skip)
+        self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), dtype=np.uint8)
+
+    def _frame(self, observation: np.ndarray) -> np.ndarray:
+        return process_frame(observation, self.settings.size, self.settings.crop_hud)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        observation, info = self.env.reset(seed=seed, options=options)
+        idle = np.zeros(self.action_space.shape, dtype=self.action_space.dtype)
+        steps = 0
+        while steps < self.settings.skip_frames:
+            observation, _, terminated, truncated, info = self._repeat(idle)
+            steps += self.settings.frame_skip
+            if terminated or truncated:
+                break
+        return self._frame(observation), info
+
+    def _repeat(self, action):
+        """One recorded step on the unprocessed env: the action repeated ``frame_skip`` times."""
+        reward, terminated, truncated = 0.0, False, False
+        for _ in range(self.settings.frame_skip):
+            observation, r, terminated, truncated, info = self.env.step(action)
+            reward += float(r)
+            if terminated or truncated:
+                break
+        return observation, reward, terminated, truncated, info
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self._repeat(action)
+        return self._frame(observation), reward, terminated, truncated, info
+
+
 def is_road(pixels: np.ndarray) -> np.ndarray:
     """Which pixels are road: grey (low saturation) and neither black nor white."""
     pixels = pixels.astype(np.int16)

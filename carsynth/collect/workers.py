@@ -169,12 +169,13 @@ _worker_env: dict[EnvSettings, gym.Env] = {}
 
 
 def run_episode(job: EpisodeJob) -> storage.Episode:
-    """Run one episode and return its recorded frames, actions, rewards and flags.
+    """Run one episode and return its recorded observations, actions, rewards and flags.
 
     The policy acts on every ``frame_skip``-th step and its action is repeated in between (the
-    usual Atari-style frame skip); frame i is the observation it acted on and reward i the sum of
-    rewards until the next recorded frame. The first ``skip_frames`` steps are driven but not
-    recorded. Each worker process keeps one env per setting and reuses it across episodes.
+    usual Atari-style frame skip); observation t is the one action t acted on and reward t the
+    sum of rewards until the next recorded observation. The first ``skip_frames`` steps are
+    driven but not recorded. The episode ends with the observation after its last action (T + 1
+    observations for T actions). Each worker process keeps one env per setting and reuses it.
     """
     env = _worker_env.get(job.env)
     if env is None:
@@ -200,14 +201,17 @@ def run_episode(job: EpisodeJob) -> storage.Episode:
             truncated.append(trunc)
         observation, step = next_observation, step + taken
         done = term or trunc
+    frames.append(process_frame(observation, settings.size, settings.crop_hud))
     action_dim = int(np.prod(env.action_space.shape)) or 1
     return storage.Episode(
         seed=job.seed,
-        frames=np.asarray(frames, dtype=np.uint8).reshape(-1, settings.size, settings.size, 3),
+        observations=np.asarray(frames, dtype=np.uint8).reshape(
+            -1, settings.size, settings.size, 3
+        ),
         actions=np.asarray(actions, dtype=np.float32).reshape(-1, action_dim),
         rewards=np.asarray(rewards, dtype=np.float32),
-        terminated=np.asarray(terminated, dtype=bool),
-        truncated=np.asarray(truncated, dtype=bool),
+        terminations=np.asarray(terminated, dtype=bool),
+        truncations=np.asarray(truncated, dtype=bool),
         holdout=storage.is_holdout(job.seed, job.holdout_fraction),
     )
 
