@@ -682,8 +682,11 @@ class FrameFile:
                 raise self._fail("episode table is not contiguous")
         self.num_frames = int(observations.sum())
         self.num_steps = int(lengths.sum())
-        for name, need in (("frames", self.num_frames), *((s, self.num_steps) for s in self.steps)):
-            if self.h5[self.names[name]].shape[0] < need:
+        for name, dataset in (("frames", self.frames), *self.steps.items()):
+            # SWMR: the extent as of now. A writer may have appended since the frames were first
+            # looked at (in _check), and the table, read after that, may count the new episode.
+            dataset.refresh()
+            if dataset.shape[0] < (self.num_frames if name == "frames" else self.num_steps):
                 raise self._fail(
                     f"'{self.names[name]}' is shorter than the episode table (truncated file?)"
                 )
