@@ -634,6 +634,10 @@ class FrameFile:
         if self.kind not in KINDS:
             raise self._fail(f"kind {self.kind!r}")
         self.names = dataset_names(self.version, self.kind)
+        # The episode table first: a writer appends an episode's steps and then its row, and an
+        # SWMR reader keeps each dataset's extent as of its first access, so datasets opened
+        # after the table hold at least the episodes it lists (opened before it, they may not).
+        table = self.h5["episodes"][:] if self.kind == "real" and "episodes" in self.h5 else None
         name = self.names["frames"]
         if name not in self.h5 or not isinstance(self.h5[name], h5py.Dataset):
             raise self._fail(f"no '{name}' dataset")
@@ -653,15 +657,14 @@ class FrameFile:
         self.num_frames = int(self.frames.shape[0])
         self.num_steps = 0
         if self.kind == "real":
-            self._check_episodes()
+            self._check_episodes(table)
 
-    def _check_episodes(self) -> None:
+    def _check_episodes(self, stored: np.ndarray | None) -> None:
         """Read the episode table of a real file and check it against the step datasets."""
         for concept in (*STEP_DATASETS, "episodes"):
             if self.names[concept] not in self.h5:
                 raise self._fail(f"real file without '{self.names[concept]}'")
         self.steps = {name: self.h5[self.names[name]] for name in STEP_DATASETS}
-        stored = self.h5["episodes"][:]
         expected = EPISODE_DTYPE if self.version >= 2 else EPISODE_DTYPE_V1
         if set(stored.dtype.names or ()) != set(expected.names):
             raise self._fail("episode table has the wrong columns")
@@ -683,9 +686,6 @@ class FrameFile:
         self.num_frames = int(observations.sum())
         self.num_steps = int(lengths.sum())
         for name, dataset in (("frames", self.frames), *self.steps.items()):
-            # SWMR: the extent as of now. A writer may have appended since the frames were first
-            # looked at (in _check), and the table, read after that, may count the new episode.
-            dataset.refresh()
             if dataset.shape[0] < (self.num_frames if name == "frames" else self.num_steps):
                 raise self._fail(
                     f"'{self.names[name]}' is shorter than the episode table (truncated file?)"

@@ -320,7 +320,7 @@ def test_a_reader_holding_the_file_never_blocks_its_writer(tmp_path):
     storage.append_episodes(path, [make_episode(0, 3)])
     append = (
         "import sys, numpy as np; from carsynth import storage\n"
-        "episode = storage.Episode(1, np.ones((4, 8, 8, 3), np.uint8), np.zeros((4, 3)),"
+        "episode = storage.Episode(1, np.ones((5, 8, 8, 3), np.uint8), np.zeros((4, 3)),"
         " np.zeros(4), np.zeros(4, bool), np.zeros(4, bool))\n"
         "storage.append_episodes(sys.argv[1], [episode])"
     )
@@ -329,7 +329,7 @@ def test_a_reader_holding_the_file_never_blocks_its_writer(tmp_path):
         writer = subprocess.run([sys.executable, "-c", append, str(path)], env=env,
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         assert writer.returncode == 0, writer.stderr
-        np.testing.assert_array_equal(reader.read(), make_episode(0, 3).frames)
+        np.testing.assert_array_equal(reader.read(), make_episode(0, 3).observations)
     with storage.open_frame_file(path) as f:
         assert list(f.episodes["seed"]) == [0, 1]
 
