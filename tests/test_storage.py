@@ -352,3 +352,29 @@ def test_readers_wait_out_a_writer_switching_to_swmr(tmp_path):
         with storage.open_frame_file(path) as f:
             opened += f.num_frames == 0
     assert writer.returncode == 0 and opened > 10
+
+
+def test_readers_during_appends_see_whole_episodes(tmp_path):
+    # FrameFile once opened 'frames' before reading the episode table; under a writer appending
+    # meanwhile, the table could list an episode that its older view of 'frames' did not have:
+    # "'frames' is shorter than the episode table (truncated file?)".
+    path = tmp_path / "a.h5"
+    new_file(path)
+    append = (
+        "import sys, time, numpy as np; from carsynth import storage\n"
+        "end = time.monotonic() + 3\n"
+        "with storage.FrameWriter.open(sys.argv[1]) as writer:\n"
+        "    while time.monotonic() < end:\n"
+        "        n = 5\n"
+        "        writer.append_episode(storage.Episode(writer.num_episodes,"
+        " np.ones((n, 8, 8, 3), np.uint8), np.zeros((n, 3)), np.zeros(n), np.zeros(n, bool),"
+        " np.zeros(n, bool)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writer = subprocess.Popen([sys.executable, "-c", append, str(path)], env=env)
+    seen = []
+    while writer.poll() is None:
+        with storage.open_frame_file(path) as f:
+            assert f.num_frames == 5 * f.num_episodes
+            seen.append(f.num_episodes)
+    assert writer.returncode == 0 and len(set(seen)) > 10
