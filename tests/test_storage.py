@@ -367,7 +367,7 @@ def test_readers_during_appends_see_whole_episodes(tmp_path):
         "    while time.monotonic() < end:\n"
         "        n = 5\n"
         "        writer.append_episode(storage.Episode(writer.num_episodes,"
-        " np.ones((n, 8, 8, 3), np.uint8), np.zeros((n, 3)), np.zeros(n), np.zeros(n, bool),"
+        " np.ones((n + 1, 8, 8, 3), np.uint8), np.zeros((n, 3)), np.zeros(n), np.zeros(n, bool),"
         " np.zeros(n, bool)))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -375,6 +375,6 @@ def test_readers_during_appends_see_whole_episodes(tmp_path):
     seen = []
     while writer.poll() is None:
         with storage.open_frame_file(path) as f:
-            assert f.num_frames == 5 * f.num_episodes
+            assert f.num_frames == 6 * f.num_episodes  # schema 2: T + 1 observations
             seen.append(f.num_episodes)
     assert writer.returncode == 0 and len(set(seen)) > 10
