@@ -2,7 +2,7 @@
 
 Each subcommand is a pair of functions, ``_<name>_arguments`` (its flags) and ``_<name>`` (the
 call into the API). A :class:`~carsynth.errors.UsageError` anywhere becomes one line on stderr
-and exit code 2; Ctrl-C exits with 130 after the API has stored what it finished.
+and exit code 2; Ctrl-C or SIGTERM exits with 130 after the API has stored what it finished.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -73,9 +75,25 @@ def _collect(args: argparse.Namespace) -> int:
         renderer=args.renderer, holdout=args.holdout, shard=parse_shard(args.shard),
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
-    path = collect(config)
+    try:
+        path = collect(config)
+    except KeyboardInterrupt:
+        print(
+            f"carsynth: interrupted; {args.out} holds the finished episodes; continue with: "
+            f"{resume_command(args.argv)}",
+            file=sys.stderr,
+        )
+        return 130
     print(f"wrote {path}")
     return 0
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues an interrupted run: ``argv`` with ``--resume`` and
+    without ``--overwrite`` (argparse accepts unique prefixes of both, so those go too)."""
+    flags = ("--resume", "--overwrite")
+    kept = [a for a in argv if not (len(a) > 3 and any(f.startswith(a) for f in flags))]
+    return shlex.join(["carsynth", *kept, "--resume"])
 
 
 # ------------------------------------------------------------------------------------------ merge
@@ -103,11 +121,14 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", metavar="PNG", help="write a contact sheet of frames to PNG")
     p.add_argument("--grid-size", type=int, default=64, help="frames in the contact sheet")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --grid PNG")
 
 
 def _info(args: argparse.Namespace) -> int:
-    from carsynth.info import describe, write_grid
+    from carsynth.info import check_grid, describe, write_grid
 
+    if args.grid:
+        check_grid(args.grid, args.grid_size, args.overwrite)
     summary = describe(args.file)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -124,7 +145,7 @@ def _info(args: argparse.Namespace) -> int:
         if shortened:
             print("(long attributes shortened; --json prints them whole)")
     if args.grid:
-        write_grid(args.file, args.grid, count=args.grid_size)
+        write_grid(args.file, args.grid, count=args.grid_size, overwrite=args.overwrite)
         print(f"wrote {args.grid}")
     return 0
 
@@ -409,15 +430,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a cluster's "time is up") stops a command the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``carsynth`` console script; returns the exit code."""
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         command = next((a for a in argv if not a.startswith("-")), None)
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-        return COMMANDS[args.command][2](args)
+        args.argv = argv
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return COMMANDS[args.command][2](args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except UsageError as error:
-        print(f"carsynth: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever a library put in it
+        print(f"carsynth: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("carsynth: interrupted; what was finished is stored", file=sys.stderr)

@@ -124,11 +124,8 @@ def rotate(points: np.ndarray, angle: float) -> np.ndarray:
 
 @functools.cache
 def score_font() -> pygame.font.Font:
-    """The stock env's score font, built once instead of every frame (pygame.quit() drops it)."""
+    """The stock env's score font, built once instead of every frame (see ``_score_text``)."""
     return pygame.font.Font(pygame.font.get_default_font(), 42)
-
-
-pygame.register_quit(score_font.cache_clear)
 
 
 class CarRacingFast(CarRacing):
@@ -251,7 +248,15 @@ class CarRacingFast(CarRacing):
     def _score_text(self, text: str) -> pygame.Surface:
         """The score as the stock env renders it, re-rendered only when the text changes."""
         if self._score is None or self._score[0] != text:
-            image = score_font().render(text, True, (255, 255, 255), (0, 0, 0))
+            try:
+                image = score_font().render(text, True, (255, 255, 255), (0, 0, 0))
+            except pygame.error:
+                # The font died with its pygame session: pygame.quit() (every env's close())
+                # or pygame.font.quit() since it was built. pygame offers no hook that sees
+                # both (a quit function registered once runs at the first quit only, which
+                # left every env after a second quit failing with "Invalid font").
+                score_font.cache_clear()
+                image = score_font().render(text, True, (255, 255, 255), (0, 0, 0))
             self._score = (text, image)
         return self._score[1]
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from carsynth import storage
 from carsynth.collect.frames import road_fraction_near_car
+from carsynth.errors import UsageError
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
@@ -36,7 +38,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 summary["episode_return"] = (
                     f"mean {returns.mean():.1f}, min {returns.min():.1f}, max {returns.max():.1f}"
                 )
-                sample = f.frames[_spread(f, 512)]
+                sample = f.rows("frames", _spread(f, 512))
                 on_road = road_fraction_near_car(sample, bool(f.attrs.get("crop_hud"))) > 0.5
                 summary["on_road_share"] = f"{on_road.mean():.2f} (of {len(sample)} sampled frames)"
         if f.trailing_frames:
@@ -57,12 +59,29 @@ def _spread(f: storage.FrameFile, count: int) -> np.ndarray:
     )
 
 
-def write_grid(path: str | os.PathLike, out: str | os.PathLike, count: int = 64) -> None:
-    """Save a contact sheet of ``count`` frames sampled evenly across the file (PNG)."""
+def check_grid(out: str | os.PathLike, count: int, overwrite: bool = False) -> Path:
+    """Refuse a contact sheet that cannot be written, before anything is read or written."""
+    if count < 1:
+        raise UsageError(f"--grid-size must be at least 1, got {count}")
+    return storage.check_writable(out, overwrite)
+
+
+def write_grid(
+    path: str | os.PathLike, out: str | os.PathLike, count: int = 64, overwrite: bool = False
+) -> Path:
+    """Save a contact sheet of ``count`` frames sampled evenly across the file (PNG, atomically)."""
     import torch
     from torchvision.utils import save_image
 
+    out = check_grid(out, count, overwrite)
     with storage.open_frame_file(path) as f:
-        frames = f.frames[_spread(f, count)]
+        if f.num_frames == 0:
+            raise UsageError(f"{path}: no frames to show")
+        frames = f.rows("frames", _spread(f, count))
     images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-    save_image(images, out, nrow=int(np.ceil(np.sqrt(len(images)))) or 1, padding=2)
+    nrow = int(np.ceil(np.sqrt(len(images))))
+    try:
+        storage.atomic_write(out, lambda tmp: save_image(images, tmp, nrow=nrow, format="png"))
+    except OSError as error:
+        raise UsageError(f"{out}: cannot write ({error.strerror or error})") from None
+    return out

@@ -12,21 +12,37 @@ Every file carsynth writes or reads goes through this module. The layout (docume
 File attributes always include ``schema_version``, ``kind`` ("real" or "synthetic"),
 ``frame_size`` (H, W), ``carsynth_version`` and ``created``; the writer adds its own settings.
 
-Crash safety. Episodes are appended by opening the file, writing one whole episode and closing it
-again, with HDF5's single-writer/multiple-reader (SWMR) mode on while the file is open. SWMR orders
-HDF5's writes so that the file on disk is consistent at every instant, so a SIGKILL at any moment
-leaves a readable file. The episode table is extended last: frames written by an episode whose row
-never landed are ignored by every reader here and cut away by :func:`repair`. A kill inside the
-few milliseconds of an append also leaves HDF5's "open for writing" flag set: readers here then
-open the file in SWMR read mode, and :func:`repair` (run by ``--resume``) rewrites it clean.
+Writers. One process writes a file at a time: :func:`writer_lock` takes an exclusive lock on a
+file beside it (``NAME.lock``, holding the writer's pid, host and command), and a second writer is
+refused with one line naming the first. A :class:`FrameWriter` keeps the file open for the whole
+run in HDF5's single-writer/multiple-reader (SWMR) mode, so readers (``carsynth info``, a
+``FrameDataset``) may open it at any time: they read it in SWMR mode and never take a lock the
+writer needs. (Reopening the file per episode, as carsynth once did, made the writer collide with
+any reader that held it open: ``BlockingIOError: unable to lock file``.)
+
+Crash safety. SWMR orders HDF5's writes so that the file on disk is consistent at every instant,
+so a SIGKILL at any moment leaves a readable file. Each episode's steps are written and flushed
+first and its episode-table row last: frames of an episode whose row never landed are ignored by
+every reader here and cut away by :func:`repair`. A killed writer leaves HDF5's "open for writing"
+flag set: readers here then open the file in SWMR read mode, and :func:`repair` (run by
+``--resume``) rewrites it clean.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import shlex
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -121,6 +137,57 @@ def read_attrs(h5: h5py.File) -> dict[str, Any]:
     return out
 
 
+def _build(
+    h5: h5py.File,
+    kind: str,
+    frame_size: tuple[int, int],
+    action_dim: int | None,
+    attrs: Mapping[str, Any],
+) -> None:
+    """Create the schema's (empty) datasets and attributes in a new file."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "real" and action_dim is None:
+        raise ValueError("real files need action_dim")
+    height, width = frame_size
+    h5.create_dataset(
+        "frames",
+        shape=(0, height, width, 3),
+        maxshape=(None, height, width, 3),
+        dtype=np.uint8,
+        chunks=(FRAME_CHUNK, height, width, 3),
+        compression=COMPRESSION,
+        compression_opts=COMPRESSION_OPTS,
+        shuffle=False,
+    )
+    if kind == "real":
+        step_chunk = FRAME_CHUNK * 32
+        h5.create_dataset(
+            "actions",
+            shape=(0, action_dim),
+            maxshape=(None, action_dim),
+            dtype=np.float32,
+            chunks=(step_chunk, action_dim),
+        )
+        h5.create_dataset(
+            "rewards", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(step_chunk,)
+        )
+        for name in ("terminated", "truncated"):
+            h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=bool, chunks=(step_chunk,))
+        h5.create_dataset(
+            "episodes", shape=(0,), maxshape=(None,), dtype=EPISODE_DTYPE, chunks=(256,)
+        )
+    base = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "frame_size": [height, width],
+        "carsynth_version": __version__,
+        "created": now_iso(),
+    }
+    for key, value in {**base, **attrs}.items():
+        h5.attrs[key] = _attr_value(value)
+
+
 def create_frame_file(
     path: str | os.PathLike,
     *,
@@ -136,55 +203,189 @@ def create_frame_file(
     exist or is a complete schema-v1 file. ``action_dim`` is required for real files, which carry
     actions, rewards, episode flags and the episode table.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = check_writable(path, overwrite)
-    height, width = frame_size
 
     def build(tmp: Path) -> None:
         with h5py.File(tmp, "w", libver="latest") as h5:
-            h5.create_dataset(
-                "frames",
-                shape=(0, height, width, 3),
-                maxshape=(None, height, width, 3),
-                dtype=np.uint8,
-                chunks=(FRAME_CHUNK, height, width, 3),
-                compression=COMPRESSION,
-                compression_opts=COMPRESSION_OPTS,
-                shuffle=False,
-            )
-            if kind == "real":
-                if action_dim is None:
-                    raise ValueError("real files need action_dim")
-                step_chunk = FRAME_CHUNK * 32
-                h5.create_dataset(
-                    "actions",
-                    shape=(0, action_dim),
-                    maxshape=(None, action_dim),
-                    dtype=np.float32,
-                    chunks=(step_chunk, action_dim),
-                )
-                h5.create_dataset(
-                    "rewards", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(step_chunk,)
-                )
-                for name in ("terminated", "truncated"):
-                    h5.create_dataset(
-                        name, shape=(0,), maxshape=(None,), dtype=bool, chunks=(step_chunk,)
-                    )
-                h5.create_dataset(
-                    "episodes", shape=(0,), maxshape=(None,), dtype=EPISODE_DTYPE, chunks=(256,)
-                )
-            base = {
-                "schema_version": SCHEMA_VERSION,
-                "kind": kind,
-                "frame_size": [height, width],
-                "carsynth_version": __version__,
-                "created": now_iso(),
-            }
-            for key, value in {**base, **attrs}.items():
-                h5.attrs[key] = _attr_value(value)
+            _build(h5, kind, frame_size, action_dim, attrs)
 
     return atomic_write(path, build)
+
+
+# How long opening a file for appending waits for a reader that holds it without SWMR.
+OPEN_WAIT_SECONDS = 10.0
+
+
+def _open_append(path: str | os.PathLike) -> h5py.File:
+    """Open a file for appending, waiting for readers that hold it without SWMR.
+
+    Such a reader holds HDF5's file lock; this waits up to ``OPEN_WAIT_SECONDS`` for it to close
+    the file, then refuses with one line.
+    """
+    deadline = time.monotonic() + OPEN_WAIT_SECONDS
+    while True:
+        try:
+            return h5py.File(path, "a", libver="latest")
+        except OSError as error:
+            if "unable to lock" not in str(error):
+                raise UsageError(f"{path}: cannot open for appending ({error})") from None
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"{path}: another program has it open without SWMR (h5py.File(path, 'r', "
+                    "swmr=True) reads while carsynth writes); close it and retry"
+                ) from None
+            time.sleep(0.1)
+
+
+# errno values that mean "no room": the disk is full, the user's quota is used up, or the file
+# reached the process's size limit (ulimit -f).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _no_space(error: Exception) -> int | None:
+    """The errno of a full disk in an h5py error (HDF5 reports it in the message), else None."""
+    found = re.search(r"errno = (\d+)", str(error))
+    code = int(found.group(1)) if found else getattr(error, "errno", None)
+    return code if code in NO_SPACE else None
+
+
+def _detach(h5: h5py.File) -> None:
+    """Point an open file's descriptor at /dev/null, so that closing it writes nothing more.
+
+    After a failed write (disk full) HDF5 would retry its pending writes at close, fail again
+    and crash the interpreter (a segfault, exit 139). What is on disk was flushed in SWMR order
+    and stays readable, like the file of a killed writer.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, h5.id.get_vfd_handle())
+    os.close(null)
+
+
+def _close_after(h5: h5py.File, error: BaseException) -> None:
+    """Close a file being written after ``error``: detached first if the disk is full."""
+    if _no_space(error) is not None:
+        _detach(h5)
+    h5.close()
+
+
+@contextlib.contextmanager
+def _no_space_is_one_line(path: Path, what: str) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into a :class:`UsageError` saying ``what`` now."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        code = _no_space(error)
+        if code is None:
+            raise
+        raise UsageError(f"{path}: {os.strerror(code).lower()}; {what}") from None
+
+
+class FrameWriter:
+    """Appends to a frame file held open in SWMR-write mode until :meth:`close`.
+
+    Make one with :meth:`create` (a new file) or :meth:`open` (an existing one); the caller holds
+    the :func:`writer_lock`. Each append writes whole episodes (or frames, for synthetic files)
+    and flushes them, so readers and a killed run see every finished episode (module docstring).
+    """
+
+    def __init__(self, h5: h5py.File):
+        self.h5 = h5
+        self.path = Path(h5.filename)
+        self.h5.swmr_mode = True  # after every dataset exists: SWMR cannot add datasets
+        if "episodes" in h5:
+            table = h5["episodes"]
+            last = table[-1] if len(table) else None
+            self.num_episodes = len(table)
+            self.num_frames = int(last["start"] + last["length"]) if last is not None else 0
+        else:
+            self.num_episodes, self.num_frames = 0, len(h5["frames"])
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        kind: str,
+        frame_size: tuple[int, int],
+        action_dim: int | None,
+        attrs: Mapping[str, Any],
+        overwrite: bool = False,
+    ) -> FrameWriter:
+        """A writer on a new file, built under a temporary name and renamed into place already
+        in SWMR mode, so no reader can hold it in a way that blocks the writer."""
+        path = check_writable(path, overwrite)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with _no_space_is_one_line(path, "nothing written"):
+                h5 = h5py.File(tmp, "w", libver="latest")
+                try:
+                    _build(h5, kind, frame_size, action_dim, attrs)
+                    writer = cls(h5)
+                    os.replace(tmp, path)
+                except BaseException as error:
+                    _close_after(h5, error)
+                    raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        writer.path = path
+        return writer
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> FrameWriter:
+        """A writer appending to an existing, whole file (run :func:`repair` on a killed one)."""
+        return cls(_open_append(path))
+
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self) -> Iterator[None]:
+        """Turn a full disk into a :class:`UsageError`; the file keeps what was appended."""
+        what = (
+            f"the file keeps its {self.num_episodes} whole episodes; free space, then continue "
+            "with --resume"
+            if "episodes" in self.h5
+            else "free space and retry"
+        )
+        with _no_space_is_one_line(self.path, what):
+            try:
+                yield
+            except (OSError, RuntimeError) as error:
+                if _no_space(error) is not None:
+                    _detach(self.h5)
+                raise
+
+    def append_episode(self, episode: Episode) -> None:
+        """Append one whole episode: its steps, flushed, then its row in the episode table."""
+        with self._disk_full_is_one_line():
+            self._append_episode(episode)
+
+    def _append_episode(self, episode: Episode) -> None:
+        h5, end = self.h5, self.num_frames
+        _extend(h5["frames"], episode.frames, end)
+        _extend(h5["actions"], episode.actions.astype(np.float32), end)
+        _extend(h5["rewards"], episode.rewards.astype(np.float32), end)
+        _extend(h5["terminated"], episode.terminated.astype(bool), end)
+        _extend(h5["truncated"], episode.truncated.astype(bool), end)
+        row = np.array(
+            [(end, len(episode), episode.seed, float(episode.rewards.sum()), episode.holdout)],
+            dtype=EPISODE_DTYPE,
+        )
+        _extend(h5["episodes"], row, self.num_episodes)
+        self.num_episodes += 1
+        self.num_frames += len(episode)
+
+    def append_frames(self, frames: np.ndarray) -> None:
+        """Append frames to a synthetic file."""
+        with self._disk_full_is_one_line():
+            _extend(self.h5["frames"], frames, self.num_frames)
+        self.num_frames += len(frames)
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _extend(dataset: h5py.Dataset, values: np.ndarray, at: int) -> None:
@@ -194,41 +395,77 @@ def _extend(dataset: h5py.Dataset, values: np.ndarray, at: int) -> None:
 
 
 def append_episodes(path: str | os.PathLike, episodes: Iterable[Episode]) -> int:
-    """Append whole episodes to a real frame file; returns the number of frames stored after.
-
-    The step datasets are written and flushed first, the episode table last, so a row in the table
-    always describes frames that are on disk (see the module docstring).
-    """
-    with h5py.File(path, "a", libver="latest") as h5:
-        h5.swmr_mode = True
-        table = h5["episodes"]
-        count = len(table)
-        end = int(table[-1]["start"] + table[-1]["length"]) if count else 0
+    """Append whole episodes to a real frame file; returns the number of frames stored after."""
+    with FrameWriter.open(path) as writer:
         for episode in episodes:
-            length = len(episode)
-            _extend(h5["frames"], episode.frames, end)
-            _extend(h5["actions"], episode.actions.astype(np.float32), end)
-            _extend(h5["rewards"], episode.rewards.astype(np.float32), end)
-            _extend(h5["terminated"], episode.terminated.astype(bool), end)
-            _extend(h5["truncated"], episode.truncated.astype(bool), end)
-            row = np.array(
-                [(end, length, episode.seed, float(episode.rewards.sum()), episode.holdout)],
-                dtype=EPISODE_DTYPE,
-            )
-            _extend(table, row, count)
-            count += 1
-            end += length
-        return end
+            writer.append_episode(episode)
+        return writer.num_frames
 
 
 def append_frames(path: str | os.PathLike, frames: np.ndarray) -> int:
     """Append frames to a synthetic frame file; returns the number of frames stored after."""
-    with h5py.File(path, "a", libver="latest") as h5:
-        h5.swmr_mode = True
-        dataset = h5["frames"]
-        end = len(dataset)
-        _extend(dataset, frames, end)
-        return end + len(frames)
+    with FrameWriter.open(path) as writer:
+        writer.append_frames(frames)
+        return writer.num_frames
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a frame file: ``NAME.lock`` beside it (the real path, however spelled)."""
+    path = Path(path).resolve()
+    return path.with_name(f"{path.name}.lock")
+
+
+def _holder(lock: Path) -> str:
+    """Who holds ``lock``, as its holder recorded it."""
+    try:
+        info = json.loads(lock.read_text())
+        return f"pid {info['pid']} on {info['host']} since {info['since']} ({info['command']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the one-writer lock of ``path`` (see the module docstring) for the ``with`` block.
+
+    The lock is an ``flock`` on ``NAME.lock``, which the kernel releases when its holder dies,
+    so a killed writer never leaves a stale lock. A second writer gets :class:`UsageError`.
+    """
+    lock = lock_path(path)
+    if not lock.parent.is_dir():
+        raise UsageError(f"{path}: folder {lock.parent} does not exist")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UsageError(
+                f"{path}: cannot create the lock file {lock} ({error.strerror})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"{path} is being written by {_holder(lock)}; wait or stop it"
+            ) from None
+        try:  # the previous holder may have removed the file between our open and our lock
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "since": now_iso(),
+    }
+    os.write(fd, json.dumps(info).encode())
+    try:
+        yield lock
+    finally:
+        os.unlink(lock)
+        os.close(fd)
 
 
 def _rewrite_interrupted(path: Path) -> None:
@@ -240,13 +477,26 @@ def _rewrite_interrupted(path: Path) -> None:
     """
 
     def copy(tmp: Path) -> None:
-        with h5py.File(path, "r", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
-            for key, value in src.attrs.items():
-                dst.attrs[key] = value
-            for name in src:
-                src.copy(src[name], dst, name=name)
+        with h5py.File(path, "r", swmr=True) as src:
+            dst = h5py.File(tmp, "w", libver="latest")
+            try:
+                for key, value in src.attrs.items():
+                    dst.attrs[key] = value
+                for name in src:
+                    src.copy(src[name], dst, name=name)
+            except BaseException as error:
+                _close_after(dst, error)
+                raise
+            dst.close()
 
-    atomic_write(path, copy)
+    size, free = path.stat().st_size, shutil.disk_usage(path.parent).free
+    if free < size:
+        raise UsageError(
+            f"{path}: repairing it needs {size / 2**20:.1f} MiB free beside it, "
+            f"{free / 2**20:.1f} MiB are; free space and retry"
+        )
+    with _no_space_is_one_line(path, "left as it was; free space and retry"):
+        atomic_write(path, copy)
 
 
 def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
@@ -319,6 +569,12 @@ class FrameFile:
             self.episodes = self.h5["episodes"][:]
             if self.episodes.dtype.names != EPISODE_DTYPE.names:
                 raise self._fail("episode table has the wrong columns")
+            negative = np.flatnonzero(self.episodes["length"] < 0)
+            if len(negative):
+                first = self.episodes[negative[0]]
+                raise self._fail(
+                    f"episode {negative[0]} (seed {first['seed']}) has length {first['length']}"
+                )
             starts = np.concatenate([[0], np.cumsum(self.episodes["length"])[:-1]])
             if len(self.episodes) and not np.array_equal(starts, self.episodes["start"]):
                 raise self._fail("episode table is not contiguous")
@@ -328,6 +584,13 @@ class FrameFile:
                     raise self._fail(
                         f"'{name}' is shorter than the episode table (truncated file?)"
                     )
+
+    def rows(self, name: str, index: Any) -> np.ndarray:
+        """``index`` of dataset ``name``; a damaged chunk raises :class:`UsageError`."""
+        try:
+            return self.h5[name][index]
+        except (OSError, RuntimeError) as error:
+            raise UsageError(f"{self.path}: cannot read '{name}' (damaged? {error})") from None
 
     @property
     def num_episodes(self) -> int:
@@ -408,7 +671,7 @@ class FrameFile:
                 b = min(b, a + limit - total)
             if b <= a:
                 break
-            parts.append(self.frames[a:b])
+            parts.append(self.rows("frames", slice(a, b)))
             total += b - a
         if not parts:
             return np.zeros((0, *self.frame_size, 3), dtype=np.uint8)
@@ -432,9 +695,9 @@ def open_frame_file(path: str | os.PathLike, cache_bytes: int | None = None) -> 
 def repair(path: str | os.PathLike) -> int:
     """Make a file left by a killed writer whole again; returns the number of frames dropped.
 
-    A file killed inside an append is first rewritten (see :func:`_rewrite_interrupted`); then the
+    A file whose writer was killed is first rewritten (see :func:`_rewrite_interrupted`); then the
     step datasets are cut back to the end of the last complete episode. A file that needs neither
-    is left untouched.
+    is left untouched. The caller holds the :func:`writer_lock`.
     """
     path = Path(path)
     try:
@@ -447,7 +710,7 @@ def repair(path: str | os.PathLike) -> int:
         end, trailing = frame_file.num_frames, frame_file.trailing_frames
         names = ("frames", *STEP_DATASETS) if frame_file.kind == "real" else ()
     if trailing:
-        with h5py.File(path, "a", libver="latest") as h5:
+        with _open_append(path) as h5:
             for name in names:
                 h5[name].resize(end, axis=0)
     return trailing
@@ -486,7 +749,6 @@ def merge(
         seeds = np.concatenate([f.episodes["seed"] for f in files])
         if len(np.unique(seeds)) != len(seeds):
             raise UsageError("merge: the inputs share episode seeds (overlapping shards?)")
-        out = check_writable(out, overwrite)
         if Path(out).resolve() in {f.path.resolve() for f in files}:
             raise UsageError(f"{out}: the output must not be one of the inputs")
         attrs = {**first, "merged_from": [str(f.path) for f in files]}
@@ -504,29 +766,30 @@ def merge(
             if virtual:
                 _write_virtual(tmp, files)
             else:
-                for f in files:
-                    for episode in iter_episodes(f):
-                        append_episodes(tmp, [episode])
+                with FrameWriter.open(tmp) as writer:
+                    for f in files:
+                        for episode in iter_episodes(f):
+                            writer.append_episode(episode)
 
-        atomic_write(out, build)
+        with writer_lock(out):
+            atomic_write(check_writable(out, overwrite), build)
     finally:
         for f in files:
             f.close()
-    return out
+    return Path(out)
 
 
 def iter_episodes(frame_file: FrameFile) -> Iterable[Episode]:
     """The episodes of a real file, one at a time (memory holds one episode)."""
-    h5 = frame_file.h5
     for row in frame_file.episodes:
-        a, b = int(row["start"]), int(row["start"] + row["length"])
+        steps = slice(int(row["start"]), int(row["start"] + row["length"]))
         yield Episode(
             seed=int(row["seed"]),
-            frames=h5["frames"][a:b],
-            actions=h5["actions"][a:b],
-            rewards=h5["rewards"][a:b],
-            terminated=h5["terminated"][a:b],
-            truncated=h5["truncated"][a:b],
+            frames=frame_file.rows("frames", steps),
+            actions=frame_file.rows("actions", steps),
+            rewards=frame_file.rows("rewards", steps),
+            terminated=frame_file.rows("terminated", steps),
+            truncated=frame_file.rows("truncated", steps),
             holdout=bool(row["holdout"]),
         )
 

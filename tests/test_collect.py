@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from conftest import ROOT, run_cli
 from carsynth import storage
 from carsynth.collect import CollectConfig, collect, make_policy, process_frame
 from carsynth.collect.frames import HUD_ROWS, EnvSettings, road_fraction_near_car
+from carsynth.data import FrameDataset
+from carsynth.errors import UsageError
 
 # Tiny episodes: 70 env steps of which the first 50 (the zoom-in) are not recorded.
 TINY = dict(max_steps=70, skip_frames=50, progress=False)
@@ -226,3 +229,81 @@ def test_collect_command_does_not_load_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.split() == ["2", "False"], result.stderr
+
+
+def test_readers_and_a_second_writer_never_disturb_a_collect(tmp_path):
+    """A polling reader, a dataset holding the file open and a second collect, during a collect.
+
+    Before one writer held the file open in SWMR mode, a reader holding the file made the
+    collector crash (BlockingIOError: unable to lock file), and a second collect interleaved its
+    episodes with the first one's.
+    """
+    path = tmp_path / "a.h5"
+    args = ["collect", "--out", str(path), "--episodes", "8", "--workers", "1",
+            "--max-steps", "90", "--no-progress"]  # fmt: skip
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "carsynth", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    reads, dataset, second = 0, None, []
+    while writer.poll() is None:
+        try:
+            with storage.open_frame_file(path) as f:  # what `carsynth info` does
+                f.read(limit=64)
+                reads += 1
+        except UsageError as error:
+            assert "no such file" in str(error)
+        if reads and dataset is None:
+            dataset = FrameDataset(path)  # keeps the file open from here on
+        if dataset is not None and len(dataset):
+            assert dataset[len(dataset) - 1].shape == (3, 64, 64)
+        if reads == 2 and not second:
+            second = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "carsynth", *args, flag],
+                    cwd=ROOT,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )  # fmt: skip
+                for flag in ("--overwrite", "--resume")
+            ]
+        time.sleep(0.05)
+    assert writer.returncode == 0, writer.stderr.read()
+    assert reads >= 3 and second, "the readers should have run during the collect"
+    for process in second:
+        assert process.wait() == 2
+        (line,) = process.stderr.read().splitlines()
+        assert f"a.h5 is being written by pid {writer.pid} on " in line
+    assert not (tmp_path / "a.h5.lock").exists()
+    full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=8, workers=1,
+                                 max_steps=90, progress=False))  # fmt: skip
+    assert_same_contents(path, full)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_and_prints_the_resume_command(tmp_path, signum):
+    out = tmp_path / "a.h5"
+    args = ["collect", "--out", str(out), "--episodes", "6", "--workers", "2", "--max-steps",
+            "90", "--no-progress", "--overwrite"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "carsynth", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    stored, deadline = 0, time.monotonic() + 120
+    while stored < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            with storage.open_frame_file(out) as f:
+                stored = f.num_episodes
+        except UsageError:
+            pass
+    process.send_signal(signum)
+    assert process.wait(timeout=60) == 130
+    (line,) = process.stderr.read().splitlines()
+    command = line.partition("continue with: ")[2]
+    assert command == shlex.join(["carsynth", *args[:-1], "--resume"])
+    with storage.open_frame_file(out) as f:  # whole episodes only, the file closed cleanly
+        assert 2 <= f.num_episodes < 6 and f.num_frames == 40 * f.num_episodes
+    h5py.File(out, "r").close()
+    assert run_cli(*shlex.split(command)[1:]).returncode == 0
+    full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=6, workers=1,
+                                 max_steps=90, progress=False))  # fmt: skip
+    assert_same_contents(out, full)

@@ -12,6 +12,7 @@ import numpy as np
 import pygame
 import pytest
 from conftest import ROOT, run_cli
+from gymnasium.utils.env_checker import check_env
 from pygame import gfxdraw
 
 import carsynth  # noqa: F401 - registers carsynth/CarRacingFast-v3
@@ -96,6 +97,25 @@ def test_same_frames_in_human_mode():
     np.testing.assert_array_equal(surfaces[1], surfaces[0])
     for env in (stock, fast):
         env.close()
+
+
+def test_envs_survive_pygame_quit_any_number_of_times():
+    # Closing a human-mode env calls pygame.quit(), which kills every font; the fast env's cached
+    # score font was rebuilt after the first quit only: from the second on, every new fast env
+    # failed with "pygame.error: Invalid font". An env kept open across the quits (rgb_array)
+    # must keep giving the stock frames too.
+    stock, fast = make_pair(render_mode="rgb_array")
+    for k in range(4):
+        human = gym.make(ENV_ID, render_mode="human")
+        human.reset(seed=k)
+        human.step(np.array([0.0, 0.5, 0.0], dtype=np.float32))
+        human.close()
+        drive_both(stock, fast, seed=k, steps=3)
+    pygame.font.quit()  # the font module alone, too
+    drive_both(stock, fast, seed=5, steps=3)
+    for _ in range(2):  # gymnasium's checker closes and renders its envs
+        check_env(gym.make(ENV_ID, render_mode="rgb_array").unwrapped, skip_render_check=False)
+        check_env(gym.make(ENV_ID).unwrapped)
 
 
 # General angles, exact and near quarter turns (pygame rounds those within 1e-6 to exact ones),

@@ -11,6 +11,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from carsynth import storage
 from carsynth.errors import UsageError
@@ -188,3 +189,40 @@ def test_truncated_file_is_refused(tmp_path, fixture_file):
         handle.truncate(os.path.getsize(path) // 2)
     with pytest.raises(UsageError, match="cut.h5"), storage.open_frame_file(path) as f:
         f.read()
+
+
+def test_one_writer_per_file(tmp_path):
+    path = tmp_path / "a.h5"
+    new_file(path)
+    with storage.writer_lock(path) as lock:
+        assert lock == tmp_path / "a.h5.lock"
+        # another spelling of the same file is the same file
+        spelled = tmp_path / ".." / tmp_path.name / "a.h5"
+        mine = rf"a.h5 is being written by pid {os.getpid()} on "
+        with pytest.raises(UsageError, match=mine), storage.writer_lock(spelled):
+            pass
+        new_file(tmp_path / "b.h5")
+        storage.append_episodes(tmp_path / "b.h5", [make_episode(0, 3)])
+        merged = tmp_path / "m.h5"
+        with storage.writer_lock(merged), pytest.raises(UsageError, match="m.h5 is being written"):
+            storage.merge([tmp_path / "b.h5"], merged)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "b.h5"]  # locks removed
+
+
+def test_a_killed_writers_lock_does_not_block(tmp_path):
+    path = tmp_path / "a.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from carsynth import storage\n"
+         "with storage.writer_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)",
+         str(path)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert holder.stdout.readline() == "locked\n"
+    held = rf"being written by pid {holder.pid} .*since"
+    with pytest.raises(UsageError, match=held), storage.writer_lock(path):
+        pass
+    holder.kill()
+    holder.wait()
+    assert (tmp_path / "a.h5.lock").exists()  # left behind by the killed holder ...
+    with storage.writer_lock(path):  # ... but the kernel released its lock
+        pass

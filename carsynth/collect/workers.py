@@ -10,6 +10,7 @@ episodes, which is what ``--resume`` continues from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -100,9 +101,15 @@ def check_config(config: CollectConfig) -> None:
         (config.episodes >= 1, "--episodes must be at least 1"),
         (config.workers >= 0, "--workers must be 0 (all cores) or more"),
         (8 <= config.size <= 512, "--size must be between 8 and 512"),
+        (config.seed >= 0, "--seed must be 0 or more (gymnasium seeds are non-negative)"),
         (config.skip_frames >= 0, "--skip-frames must be 0 or more"),
         (config.frame_skip >= 1, "--frame-skip must be at least 1"),
         (config.max_steps >= 1, "--max-steps must be at least 1"),
+        (
+            config.skip_frames < config.max_steps,
+            f"--skip-frames {config.skip_frames} must be less than --max-steps "
+            f"{config.max_steps}: no step would be recorded",
+        ),
         (0.0 <= config.holdout < 1.0, "--holdout must be in [0, 1)"),
         (config.renderer in ("fast", "stock"), "--renderer must be fast or stock"),
         (0 < config.lap_complete_percent <= 1, "--lap-complete-percent must be in (0, 1]"),
@@ -197,22 +204,28 @@ def run_episode(job: EpisodeJob) -> storage.Episode:
     )
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C goes to the main process, which stops the pool itself; workers must not print
-    # their own KeyboardInterrupt tracebacks.
+def _ignore_interrupts() -> None:
+    # Ctrl-C (to the whole process group) and a cluster's SIGTERM are the main process's to
+    # handle: it stops the workers itself. Workers must not print KeyboardInterrupt tracebacks
+    # nor die first and make the main process report a broken pool instead of the interrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _ordered(jobs: list[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
-    """Run jobs on ``workers`` processes; yield episodes in job order, a bounded window ahead."""
+def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
+    """Run jobs on ``workers`` processes; yield episodes in job order, a bounded window ahead.
+
+    If the caller stops early (an interrupt), episodes still running are dropped: their worker
+    processes are killed at once instead of being waited for.
+    """
     if workers == 1:
-        for job in jobs:
+        for job in todo:
             yield run_episode(job)
         return
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
+    others = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
     pending: deque[Future] = deque()
-    todo = iter(jobs)
     try:
         for job in todo:
             pending.append(pool.submit(run_episode, job))
@@ -226,6 +239,9 @@ def _ordered(jobs: list[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
             yield episode
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        if pending:
+            for process in set(multiprocessing.active_children()) - others:
+                process.kill()
 
 
 @functools.cache
@@ -253,8 +269,8 @@ def resolve_renderer(config: CollectConfig) -> CollectConfig:
     return dataclasses.replace(config, renderer="stock")
 
 
-def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> int:
-    """Check that ``path`` can be continued with ``config``; return how many episodes it has."""
+def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> None:
+    """Check that ``path`` can be continued with ``config``, repairing a killed run's file."""
     if not path.is_file():
         raise UsageError(f"--resume: {path} does not exist (drop --resume to start it)")
     dropped = storage.repair(path)
@@ -271,12 +287,11 @@ def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> i
             f"--resume: {path} was collected with {name}={stored[name]!r}, "
             f"this run has {name}={wanted[name]!r}"
         )
-    expected = [config.seed + k for k in config.episode_range()][: len(seeds)]
+    expected = [config.seed + k for k in config.episode_range()[: len(seeds)]]
     if seeds != expected:
         raise UsageError(f"--resume: the episodes in {path} are not this run's first episodes")
     if dropped:
         print(f"resume: dropped {dropped} frames of an episode cut short by the last run")
-    return len(seeds)
 
 
 def collect(config: CollectConfig) -> Path:
@@ -286,8 +301,18 @@ def collect(config: CollectConfig) -> Path:
     """
     check_config(config)
     make_policy(config.policy, config.policy_args)  # fail early on a bad policy
-    config = resolve_renderer(config)
     path = Path(config.out)
+    with storage.writer_lock(path):
+        config = resolve_renderer(config)
+        action_dim = _action_dim(config)
+        attrs = file_attrs(config, action_dim)
+        with _open_output(config, path, attrs, action_dim) as writer:
+            _collect_into(writer, config)
+    return path
+
+
+def _action_dim(config: CollectConfig) -> int:
+    """The size of the env's action vector, checking that it gives RGB observations."""
     try:
         probe = config.env_settings.make()
     except ValueError as error:
@@ -297,17 +322,36 @@ def collect(config: CollectConfig) -> Path:
     probe.close()
     if obs_shape is None or len(obs_shape) != 3 or obs_shape[2] != 3:
         raise UsageError(f"--env {config.env_id}: observations are {obs_shape}, need (H, W, 3) RGB")
-    attrs = file_attrs(config, action_dim)
+    return action_dim
+
+
+def _open_output(
+    config: CollectConfig, path: Path, attrs: dict[str, Any], action_dim: int
+) -> storage.FrameWriter:
+    """The writer of this run: on the file to continue (``--resume``) or on a new one."""
     if config.resume:
-        done = _resume_state(config, path, attrs)
-    else:
-        storage.create_frame_file(
-            path, kind="real", frame_size=(config.size, config.size), action_dim=action_dim,
-            attrs=attrs, overwrite=config.overwrite,
-        )  # fmt: skip
-        done = 0
-    episode_numbers = list(config.episode_range())[done:]
-    jobs = [
+        _resume_state(config, path, attrs)
+        return storage.FrameWriter.open(path)
+    return storage.FrameWriter.create(
+        path, kind="real", frame_size=(config.size, config.size), action_dim=action_dim,
+        attrs=attrs, overwrite=config.overwrite,
+    )  # fmt: skip
+
+
+def _append_uninterrupted(writer: storage.FrameWriter, episode: storage.Episode) -> None:
+    """Append an episode with SIGINT and SIGTERM held back until it is written whole."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        writer.append_episode(episode)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
+    """Run the episodes the file does not hold yet and append them in order."""
+    episode_numbers = config.episode_range()[writer.num_episodes :]
+    jobs = (
         EpisodeJob(
             config.seed + k,
             config.env_settings,
@@ -317,19 +361,18 @@ def collect(config: CollectConfig) -> Path:
             config.holdout,
         )  # fmt: skip
         for k in episode_numbers
-    ]
+    )
     workers = config.workers or os.cpu_count() or 1
-    workers = max(1, min(workers, len(jobs)))
+    workers = max(1, min(workers, len(episode_numbers)))
     bar = tqdm(
-        total=len(config.episode_range()), initial=done, unit="ep", desc="collect",
-        disable=not config.progress, dynamic_ncols=True,
+        total=len(config.episode_range()), initial=writer.num_episodes, unit="ep",
+        desc="collect", disable=not config.progress, dynamic_ncols=True,
     )  # fmt: skip
     frames, start = 0, time.perf_counter()
-    with bar:
-        for episode in _ordered(jobs, workers):
-            storage.append_episodes(path, [episode])
+    with bar, contextlib.closing(_ordered(jobs, workers)) as episodes:
+        for episode in episodes:
+            _append_uninterrupted(writer, episode)
             frames += len(episode)
             elapsed = time.perf_counter() - start
             bar.set_postfix(frames=frames, fps=f"{frames / elapsed:.0f}")
             bar.update(1)
-    return path
