@@ -85,13 +85,34 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check(config: ExportConfig) -> Path:
+def _memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_settings(config: ExportConfig, frame_size: tuple[int, int] = (64, 64)) -> None:
+    """UsageError naming the flag for a setting out of range; reads and writes nothing.
+
+    ``carsynth run`` calls it before collecting, when the run directory does not exist yet.
+    """
     if config.num < 1:
         raise UsageError(f"--num must be at least 1, got {config.num}")
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if not (Path(config.run) / "config.json").is_file():
-        raise UsageError(f"--run {config.run}: not a carsynth training run (no config.json)")
+    if config.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {config.seed}")
+    need, have = config.num * frame_size[0] * frame_size[1] * 3, _memory_bytes()
+    if need > have:  # the samples are validated in memory before anything is written
+        raise UsageError(
+            f"--num {config.num}: the frames would take {need / 2**30:.1f} GiB of memory, "
+            f"this machine has {have / 2**30:.1f} GiB"
+        )
+    resolve_device(config.device)
+
+
+def _check(config: ExportConfig) -> Path:
+    check_settings(config)
+    rundir.read_run_config(config.run)  # a UsageError naming the run when it is not one
     if config.report:
         check_report_dir(config.report, config.overwrite)
     return files.check_writable(config.out, config.overwrite)

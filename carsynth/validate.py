@@ -84,15 +84,40 @@ class ValidationConfig:
         for name in ("alpha", "duplicate_quantile", "copy_quantile"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1)")
+        self._check_ranges()
         if self.device is not None:
-            import torch
+            from carsynth.devices import resolve_device
 
-            try:
-                kind = torch.device(self.device).type
-            except RuntimeError:
-                raise UsageError(f"--device: {self.device!r} is not a torch device") from None
-            if kind == "cuda" and not torch.cuda.is_available():
-                raise UsageError(f"--device {self.device}: no CUDA device here")
+            resolve_device(self.device)
+
+    def _check_ranges(self) -> None:
+        """A setting that would switch a check off (0 PCA dimensions, a threshold of 0 or
+        above 1, a 0-pixel resolution) is a UsageError naming its flag."""
+        at_least = {
+            "ndb_resolution": 4, "ndb_fit_samples": 2, "kmeans_iters": 1, "nn_resolution": 4,
+            "pca_dims": 1, "pca_fit_samples": 2, "pairs": 1, "seed": 0,
+        }  # fmt: skip
+        for name, least in at_least.items():
+            if getattr(self, name) < least:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, "
+                                 f"got {getattr(self, name)}")  # fmt: skip
+        for name in ("ndb_resolution", "nn_resolution"):
+            if getattr(self, name) > 512:
+                raise UsageError(f"--{name.replace('_', '-')} must be at most 512")
+        if self.pca_dims > 3 * self.nn_resolution**2:
+            raise UsageError(
+                f"--pca-dims {self.pca_dims}: more than the {3 * self.nn_resolution**2} pixel "
+                f"values of a {self.nn_resolution}x{self.nn_resolution} frame"
+            )
+        shares = ("max_ndb_excess", "max_duplicate_share", "max_copy_share")
+        for name in shares:
+            if not 0.0 <= getattr(self, name) < 1.0:  # 1 or more: the check could never fail
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got "
+                                 f"{getattr(self, name)}")  # fmt: skip
+        if not 0.0 < self.min_collapse_ratio <= 1.0:  # 0: the check could never fail
+            raise UsageError(
+                f"--min-collapse-ratio must be in (0, 1], got {self.min_collapse_ratio}"
+            )
 
 
 @dataclass
