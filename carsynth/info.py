@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from carsynth import storage
+from carsynth import files, storage
 from carsynth.collect.frames import road_fraction_near_car
 from carsynth.errors import UsageError
 
@@ -63,25 +63,20 @@ def check_grid(out: str | os.PathLike, count: int, overwrite: bool = False) -> P
     """Refuse a contact sheet that cannot be written, before anything is read or written."""
     if count < 1:
         raise UsageError(f"--grid-size must be at least 1, got {count}")
-    return storage.check_writable(out, overwrite)
+    return files.check_writable(out, overwrite)
 
 
 def write_grid(
     path: str | os.PathLike, out: str | os.PathLike, count: int = 64, overwrite: bool = False
 ) -> Path:
     """Save a contact sheet of ``count`` frames sampled evenly across the file (PNG, atomically)."""
-    import torch
-    from torchvision.utils import save_image
-
     out = check_grid(out, count, overwrite)
     with storage.open_frame_file(path) as f:
         if f.num_frames == 0:
             raise UsageError(f"{path}: no frames to show")
         frames = f.rows("frames", _spread(f, count))
-    images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-    nrow = int(np.ceil(np.sqrt(len(images))))
     try:
-        storage.atomic_write(out, lambda tmp: save_image(images, tmp, nrow=nrow, format="png"))
+        files.write_grid(frames, out, columns=int(np.ceil(np.sqrt(len(frames)))) or 1)
     except OSError as error:
         raise UsageError(f"{out}: cannot write ({error.strerror or error})") from None
     return out

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from carsynth.errors import UsageError
+from carsynth.flags import option, required
 
 FEATURE_LAYERS = (1, 2, 3, 4)  # carsynth.models.FEATURE_LAYERS, checked equal in the tests
 LOSSES = ("bce", "wgan-gp")
@@ -30,17 +31,12 @@ MAX_NZ = 4096
 MAX_LR = 1.0  # Adam steps move each weight by about lr: above 1 a GAN cannot but diverge
 
 
-def option(default: Any, help: str, **metadata: Any) -> Any:
-    """A config field with its help text (the CLI turns every field into a flag)."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclass
 class TrainConfig:
     """Every setting of a training run; all of them are recorded in ``config.json``."""
 
-    data: str = field(metadata={"help": "carsynth frame file to train on"})
-    out: str = field(metadata={"help": "run directory to create (or to continue with --resume)"})
+    data: str = required("carsynth frame file to train on")
+    out: str = required("run directory to create (or to continue with --resume)")
     # networks (Radford et al. 2015)
     nz: int = option(100, "latent size")
     ngf: int = option(64, "generator width (channels of its last hidden layer)")
@@ -81,7 +77,7 @@ class TrainConfig:
     # hardware
     device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
     amp: Literal["auto", "bf16", "fp16", "off"] = option(
-        "auto", "mixed precision: auto (bf16 on CUDA), bf16, fp16 or off", choices=AMP
+        "auto", "mixed precision: auto (bf16 on CUDA), bf16, fp16 or off"
     )
     channels_last: bool = option(True, "NHWC memory layout on CUDA (faster convolutions)")
     compile: bool = option(False, "torch.compile both networks (slow start, faster steps)")
