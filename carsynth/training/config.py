@@ -95,7 +95,7 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "how many recent checkpoints to keep")
     resume: bool = option(False, "continue the run in --out from its latest checkpoint")
     overwrite: bool = option(False, "replace an existing run directory")
-    progress: bool = option(True, "tqdm progress bar")
+    progress: bool = option(True, "a progress bar on a terminal (--no-progress: plain log lines)")
 
     @property
     def adam(self) -> tuple[float, float, float]:
