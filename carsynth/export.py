@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from carsynth import files, rundir, sampling, storage
+from carsynth import files, report_html, rundir, sampling, storage
 from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
 from carsynth.flags import option, required
 from carsynth.rundir import (
-    latest_checkpoint,
     load_generator,
     read_run_config,
     run_frames,
@@ -113,7 +112,9 @@ def check_settings(config: ExportConfig, frame_size: tuple[int, int] = (64, 64))
 
 def _check(config: ExportConfig) -> Path:
     check_settings(config)
-    rundir.read_run_config(config.run)  # a UsageError naming the run when it is not one
+    if not (Path(config.run) / rundir.CONFIG).is_file():
+        raise UsageError(f"--run {config.run}: not a carsynth training run (no config.json)")
+    rundir.read_run_config(config.run)  # a UsageError when config.json is not one
     if config.report:
         check_report_dir(config.report, config.overwrite)
     return files.check_writable(config.out, config.overwrite)
@@ -145,7 +146,7 @@ def export(config: ExportConfig) -> ExportResult:
     """
     out = _check(config)
     device = resolve_device(config.device)
-    checkpoint = latest_checkpoint(config.run)
+    checkpoint = rundir.generator_checkpoint(config.run)  # the newest that loads
     run_config = read_run_config(config.run)
     generator = load_generator(config.run, device=device, checkpoint=checkpoint)
     frames = sampling.generate_frames(
@@ -183,7 +184,17 @@ def export(config: ExportConfig) -> ExportResult:
     with tqdm(total=1, desc="writing", disable=not config.progress) as bar:
         _write(out, frames, attrs, config.overwrite)
         bar.update()
+    if config.report:
+        report_html.write_validation_page(config.report, provenance(out, attrs))
     return ExportResult(out, result)
+
+
+def provenance(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """Where the frames of an exported file came from, for the report page."""
+    keys = ("source_run", "checkpoint", "generator_sha256", "seed", "nz", "latents",
+            "validation_passed", "forced")  # fmt: skip
+    return {"file": str(path.resolve()), **{k: attrs[k] for k in keys},
+            "export_config": json.loads(attrs["export_config"])}  # fmt: skip
 
 
 def regenerate(path: str | os.PathLike, index: int, device: str = "cpu") -> np.ndarray:

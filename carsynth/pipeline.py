@@ -200,16 +200,31 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineR
         with storage.open_frame_file(synthetic) as f:
             passed = bool(f.attrs.get("validation_passed", False))
         log(f"[3/3] validate + export: {synthetic} exists (validation passed: {passed}), skipped")
-        return PipelineResult(real, run_dir, synthetic, passed, skipped)
+        return _finish(out, PipelineResult(real, run_dir, synthetic, passed, skipped), log)
     log(f"[3/3] validate + export -> {synthetic}")
     try:
         result = export(export_config)
     except ExportRefused as refused:
         log(refused.result.summary())
         log(f"validation failed; report in {export_config.report}; nothing exported")
-        return PipelineResult(real, run_dir, None, False, skipped)
+        return _finish(out, PipelineResult(real, run_dir, None, False, skipped), log)
     log(result.validation.summary())
-    return PipelineResult(real, run_dir, result.path, result.validation.passed, skipped)
+    done = PipelineResult(real, run_dir, result.path, result.validation.passed, skipped)
+    return _finish(out, done, log)
+
+
+def _finish(out: Path, result: PipelineResult, log: Callable[[str], None]) -> PipelineResult:
+    """Write ``OUT/report.html``: the run, the validation and the exported file's provenance."""
+    from carsynth.export import provenance
+    from carsynth.report_html import write_pipeline_page
+
+    origin = None
+    if result.synthetic is not None:
+        with storage.open_frame_file(result.synthetic) as f:
+            origin = provenance(result.synthetic, dict(f.attrs))
+    page = write_pipeline_page(out, result.run, out / "validation", origin)
+    log(f"report: {page}")
+    return result
 
 
 def _collection_finished(path: Path, episodes: int) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from carsynth import __version__, files, rundir, storage
+from carsynth import __version__, files, report_html, rundir, storage
 from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
 from carsynth.logs import Progress, log
@@ -411,6 +411,7 @@ class Trainer:
         for old in rundir.checkpoints(self.out)[: -self.c.keep_checkpoints]:
             old.unlink()
         plot_losses(rundir.metrics_path(self.out), self.out / rundir.LOSS_PLOT)
+        report_html.write_run_page(self.out)
 
     def _stop_if_collapsed(self, done: int) -> None:
         flag = torch.tensor([float(self.collapsed)], device=self.device)

@@ -260,7 +260,9 @@ def validate_frames(
     )
 
 
-REPORT_FILES = ("report.json", "ndb_bins.png", "nn_distances.png", "closest_pairs.png")
+REPORT_FILES = (
+    "report.json", "ndb_bins.png", "nn_distances.png", "closest_pairs.png", "report.html",
+)  # fmt: skip
 
 
 def check_report_dir(report_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -270,6 +272,9 @@ def check_report_dir(report_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise UsageError(f"{report_dir}: exists and is not a folder")
     if not report_dir.parent.is_dir():
         raise UsageError(f"{report_dir}: folder {report_dir.parent} does not exist")
+    folder = report_dir if report_dir.exists() else report_dir.parent
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{report_dir}: folder {folder} is not writable")
     existing = [name for name in REPORT_FILES if (report_dir / name).exists()]
     if existing and not overwrite:
         raise UsageError(f"{report_dir} holds {existing[0]}; pass --overwrite to replace it")
@@ -283,8 +288,10 @@ def write_report(
 
     Figures: ``ndb_bins.png`` (bin proportions, different bins marked), ``nn_distances.png``
     (nearest-neighbour distance histograms with the thresholds) and ``closest_pairs.png`` (the
-    generated frames nearest to a training frame, each beside that training frame).
+    generated frames nearest to a training frame, each beside that training frame, labelled
+    with their distance). ``report.html`` shows all of it on one self-contained page.
     """
+    from carsynth import report_html
     from carsynth.validation import report
 
     report_dir = check_report_dir(report_dir, overwrite)
@@ -292,7 +299,10 @@ def write_report(
     report.write_json(result.to_dict(), report_dir / "report.json")
     report.plot_bins(result.ndb, result.ndb_baseline, report_dir / "ndb_bins.png")
     report.plot_distances(result.collapse, result.copying, report_dir / "nn_distances.png")
-    report.save_pairs(result.closest_fake, result.closest_train, report_dir / "closest_pairs.png")
+    distances = np.sort(result.copying.fake_distances)[: len(result.closest_fake)]
+    report.save_pairs(result.closest_fake, result.closest_train, report_dir / "closest_pairs.png",
+                      distances, result.copying.copy_threshold)  # fmt: skip
+    report_html.write_validation_page(report_dir)
     return report_dir
 
 
