@@ -134,7 +134,7 @@ def newest_loadable(
         try:
             result = use(read_checkpoint(path, keys))
         except UsageError as error:
-            reason = str(error)
+            reason = " ".join(str(error).split())  # one line, whatever torch put in it
             skipped.append(reason if reason.startswith(str(path)) else f"{path}: {reason}")
             continue
         for reason in skipped:

@@ -50,6 +50,8 @@ from carsynth.training.stopping import (
 from carsynth.training.tracking import MetricsLog
 
 SAMPLE_COUNT = 64  # fixed-noise samples: an 8x8 grid and the diversity statistic
+# loss.png and report.html are redrawn with a checkpoint at most this often (and at the end)
+FIGURE_SECONDS = 60.0
 # errno values that mean the run directory cannot take more: full disk, quota, file size limit,
 # a read-only file system, no permission
 CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
@@ -108,8 +110,8 @@ def _prepare_out(c: TrainConfig) -> bool:
     if not os.access(folder, os.W_OK):
         raise UsageError(f"--out {out}: {folder} is not writable")
     partial = rundir.is_partial(out)
-    if c.resume and partial:
-        log.warning(f"{out}: no config.json (the run was stopped while starting); starting it")
+    if c.resume and (partial or not out.exists()):
+        log.warning(f"{out}: nothing to resume (no config.json yet); starting the run")
         return False
     if c.resume:
         diff = resume_differences(rundir.read_run_config(out)["config"], c)
@@ -233,7 +235,8 @@ class Trainer:
             try:
                 self.start = self.nets.load(state, self.device)
             except (RuntimeError, KeyError, ValueError, TypeError) as error:
-                raise UsageError(f"does not fit this run's networks ({error})") from None
+                detail = " ".join(str(error).split())[:300]
+                raise UsageError(f"does not fit this run's networks ({detail})") from None
             return state
 
         _, self.resumed = rundir.newest_loadable(self.out, restore)
@@ -262,6 +265,7 @@ class Trainer:
         if self.since:
             sums += self.resumed["log_sums"].to(self.device)
         self.tick, self.epoch = time.perf_counter(), -1
+        self.figures_at = time.monotonic()
         self.collapsed, self.failures = False, []
         if self.monitor is not None:
             self.monitor.passed_before = bool(self.resumed.get("monitor_passed", False))
@@ -325,6 +329,8 @@ class Trainer:
         checkpoint = rundir.checkpoint_path(self.out, done)
         if self.rank == 0 and done > self.start and not checkpoint.exists():
             self._save(done, signals)
+        if self.rank == 0 and done > self.start:
+            self._figures()
         found = rundir.checkpoints(self.out)
         raise TrainingInterrupted(done, checkpoint if checkpoint in found else None)
 
@@ -410,6 +416,12 @@ class Trainer:
             )
         for old in rundir.checkpoints(self.out)[: -self.c.keep_checkpoints]:
             old.unlink()
+        if step == self.plan.total or time.monotonic() - self.figures_at >= FIGURE_SECONDS:
+            self._figures()
+
+    def _figures(self) -> None:
+        """Redraw loss.png and report.html."""
+        self.figures_at = time.monotonic()
         plot_losses(rundir.metrics_path(self.out), self.out / rundir.LOSS_PLOT)
         report_html.write_run_page(self.out)
 
@@ -422,6 +434,8 @@ class Trainer:
         checkpoint = rundir.checkpoint_path(self.out, done)
         if self.rank == 0 and not checkpoint.exists():
             self._save(done)
+        if self.rank == 0:
+            self._figures()
         raise TrainingCollapsed(
             f"stopped at step {done}: {'; '.join(self.failures) or 'collapse'}; "
             f"checkpoint {checkpoint} kept"
