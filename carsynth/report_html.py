@@ -99,8 +99,8 @@ def run_sections(run_dir: str | os.PathLike) -> list[tuple[str, str]]:
         sections.append(("Curves", figure(plot, "losses, D outputs, diversity, monitor")))
     grids = sorted((run_dir / rundir.SAMPLES).glob("step_*.png"))
     if grids:
-        pick = sorted({round(i * (len(grids) - 1) / max(1, MAX_GRIDS - 1))
-                       for i in range(min(MAX_GRIDS, len(grids)))})  # fmt: skip
+        shown = min(MAX_GRIDS, len(grids))  # evenly spaced, the first and the last among them
+        pick = sorted({round(i * (len(grids) - 1) / max(1, shown - 1)) for i in range(shown)})
         shown = "".join(figure(grids[i], f"step {int(grids[i].stem[5:])}") for i in pick)
         sections.append(("Samples over time (EMA generator, fixed noise)",
                          f'<div class="grids">{shown}</div>'))  # fmt: skip
