@@ -16,9 +16,10 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from carsynth import __version__, logs
+from carsynth import __version__
 from carsynth.errors import UsageError
 from carsynth.flags import add_flags, from_flags
+from carsynth.progress import configure_logging
 
 # errno values of a disk that takes no more: full, over quota, file size limit, read-only, denied
 CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
@@ -301,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = next((a for a in argv if not a.startswith("-")), None)
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         args.argv = argv
-        logs.setup(quiet=getattr(args, "quiet", False))
+        configure_logging(quiet=getattr(args, "quiet", False))
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return COMMANDS[args.command][2](args)

@@ -29,7 +29,7 @@ import numpy as np
 
 from carsynth import files, storage
 from carsynth.errors import UsageError
-from carsynth.logs import log
+from carsynth.progress import log
 
 if TYPE_CHECKING:
     import torch

@@ -16,16 +16,17 @@ Writers. One process writes a file at a time: :func:`writer_lock` takes an exclu
 file beside it (``NAME.lock``, holding the writer's pid, host and command), and a second writer is
 refused with one line naming the first. A :class:`FrameWriter` keeps the file open for the whole
 run in HDF5's single-writer/multiple-reader (SWMR) mode, so readers (``carsynth info``, a
-``FrameDataset``) may open it at any time: they read it in SWMR mode and never take a lock the
-writer needs. (Reopening the file per episode, as carsynth once did, made the writer collide with
-any reader that held it open: ``BlockingIOError: unable to lock file``.)
+``FrameDataset``) may open it at any time: they read in SWMR mode without HDF5's file lock, so
+they never hold a lock a writer needs. (Reopening the file per episode, as carsynth once did,
+made the writer collide with any reader that held it open: ``BlockingIOError: unable to lock
+file``.)
 
 Crash safety. SWMR orders HDF5's writes so that the file on disk is consistent at every instant,
 so a SIGKILL at any moment leaves a readable file. Each episode's steps are written and flushed
 first and its episode-table row last: frames of an episode whose row never landed are ignored by
 every reader here and cut away by :func:`repair`. A killed writer leaves HDF5's "open for writing"
-flag set: readers here then open the file in SWMR read mode, and :func:`repair` (run by
-``--resume``) rewrites it clean.
+flag set, which SWMR read mode ignores; :func:`repair` (run by ``--resume``) rewrites the file
+clean (a copy: it needs the file's size free on its disk).
 """
 
 from __future__ import annotations
@@ -231,8 +232,8 @@ def _open_append(path: str | os.PathLike) -> h5py.File:
                 raise UsageError(f"{path}: cannot open for appending ({error})") from None
             if time.monotonic() > deadline:
                 raise UsageError(
-                    f"{path}: another program has it open without SWMR (h5py.File(path, 'r', "
-                    "swmr=True) reads while carsynth writes); close it and retry"
+                    f"{path}: another program holds HDF5's lock on it (read with h5py.File(path, "
+                    "'r', swmr=True, locking=False) to let carsynth write); close it and retry"
                 ) from None
             time.sleep(0.1)
 
@@ -339,10 +340,10 @@ class FrameWriter:
     def _disk_full_is_one_line(self) -> Iterator[None]:
         """Turn a full disk into a :class:`UsageError`; the file keeps what was appended."""
         what = (
-            f"the file keeps its {self.num_episodes} whole episodes; free space, then continue "
+            f"the file keeps its {self.num_episodes} whole episodes; make room, then continue "
             "with --resume"
             if "episodes" in self.h5
-            else "free space and retry"
+            else "make room and retry"
         )
         with _no_space_is_one_line(self.path, what):
             try:
@@ -468,22 +469,26 @@ def writer_lock(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
-def _rewrite_interrupted(path: Path) -> None:
-    """Copy a file whose writer was killed mid-append into a fresh file, renamed into place.
+def _rewrite(path: Path, end: int | None) -> None:
+    """Copy a file left by a killed writer into a fresh file, renamed into place.
 
     HDF5 refuses to open such a file for writing (its "open for writing" flag is set and its
     end-of-allocation mark is stale), but SWMR read mode sees consistent contents. ``h5py``'s
     ``copy`` (HDF5's H5Ocopy) moves the compressed chunks as they are, so this is a fast copy.
+    With ``end``, the step datasets of the copy are cut back to ``end`` frames. Readers that
+    have the old file open keep reading it undisturbed.
     """
 
     def copy(tmp: Path) -> None:
-        with h5py.File(path, "r", swmr=True) as src:
+        with h5py.File(path, "r", swmr=True, locking=False) as src:
             dst = h5py.File(tmp, "w", libver="latest")
             try:
                 for key, value in src.attrs.items():
                     dst.attrs[key] = value
                 for name in src:
                     src.copy(src[name], dst, name=name)
+                    if end is not None and name in ("frames", *STEP_DATASETS):
+                        dst[name].resize(end, axis=0)
             except BaseException as error:
                 _close_after(dst, error)
                 raise
@@ -500,18 +505,23 @@ def _rewrite_interrupted(path: Path) -> None:
 
 
 def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
-    """Open read-only; a file whose writer was killed mid-append is opened in SWMR read mode.
+    """Open read-only, in SWMR read mode and without HDF5's file lock.
 
+    SWMR read mode sees consistent contents while a writer appends (a plain reader's view goes
+    stale: it fails on chunks the writer rewrote, "addr overflow"), and reads a file whose
+    killed writer left its "open for writing" flag set. Without the lock, a reader that holds
+    the file open (a FrameDataset, for a whole training run) never keeps a writer from opening
+    it. A plain open first checks what SWMR read mode skips: a file cut short.
     ``cache_bytes`` sizes the per-dataset chunk cache (``None``: HDF5's default, 1 MiB before
     HDF5 2.0 and 8 MiB since).
     """
     try:
-        return h5py.File(path, "r", rdcc_nbytes=cache_bytes)
+        h5py.File(path, "r", locking=False).close()
     except OSError as error:
-        if "already open for write" not in str(error) and "unable to lock" not in str(error):
+        if "already open for write" not in str(error):
             raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
     try:
-        return h5py.File(path, "r", swmr=True, rdcc_nbytes=cache_bytes)
+        return h5py.File(path, "r", swmr=True, locking=False, rdcc_nbytes=cache_bytes)
     except OSError as error:
         raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
 
@@ -695,24 +705,24 @@ def open_frame_file(path: str | os.PathLike, cache_bytes: int | None = None) -> 
 def repair(path: str | os.PathLike) -> int:
     """Make a file left by a killed writer whole again; returns the number of frames dropped.
 
-    A file whose writer was killed is first rewritten (see :func:`_rewrite_interrupted`); then the
-    step datasets are cut back to the end of the last complete episode. A file that needs neither
-    is left untouched. The caller holds the :func:`writer_lock`.
+    A file whose writer was killed, or with frames past its last episode, is rewritten with its
+    complete episodes only (see :func:`_rewrite`); a file that needs neither is left untouched.
+    The file is never changed in place, so readers that have it open are not disturbed. The
+    caller holds the :func:`writer_lock`.
     """
     path = Path(path)
     try:
-        h5py.File(path, "r").close()
+        h5py.File(path, "r", locking=False).close()
+        killed = False
     except OSError as error:
         if "already open for write" not in str(error):
             raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
-        _rewrite_interrupted(path)
+        killed = True
     with FrameFile(path) as frame_file:
         end, trailing = frame_file.num_frames, frame_file.trailing_frames
-        names = ("frames", *STEP_DATASETS) if frame_file.kind == "real" else ()
-    if trailing:
-        with _open_append(path) as h5:
-            for name in names:
-                h5[name].resize(end, axis=0)
+        real = frame_file.kind == "real"
+    if killed or trailing:
+        _rewrite(path, end if real else None)
     return trailing
 
 

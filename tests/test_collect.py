@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -321,3 +322,90 @@ def test_interrupt_stops_and_prints_the_resume_command(tmp_path, signum):
 @pytest.mark.parametrize("flag", ["--version", "--help"])
 def test_version_and_help_do_not_import_torch(flag):
     assert _cli_loads_torch([flag]) == ("0", False)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_finished_episodes(tmp_path):
+    """A collect that fills its disk: one line, whole episodes kept, resumable once there is room.
+
+    As root, the disk is a real 2 MiB tmpfs (ENOSPC), nearly filled by a ballast file that is
+    deleted to make room; elsewhere, the process's file size limit (ulimit -f, EFBIG) plays the
+    full disk and is lifted to make room. Before, a full disk crashed the collector (a 42-line
+    traceback and a segfault, exit 139), and resuming while full gave a 53-line traceback.
+    """
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]
+    ).returncode == 0  # fmt: skip
+    limit = None
+    if mounted:
+        (disk / "ballast").write_bytes(b"\0" * 1_650_000)
+    else:
+        limit = 350_000
+
+    def full_disk() -> None:
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = disk / "a.h5"
+    args = ["collect", "--out", str(out), "--episodes", "30", "--workers", "2",
+            "--max-steps", "60", "--no-progress"]  # fmt: skip
+    try:
+        for extra in ([], ["--resume"]):  # the run, then a resume while the disk is still full
+            result = subprocess.run(
+                [sys.executable, "-m", "carsynth", *args, *extra], cwd=ROOT, capture_output=True,
+                text=True, preexec_fn=full_disk,
+            )  # fmt: skip
+            assert result.returncode == 2, result.stderr
+            (line,) = result.stderr.splitlines()
+            assert line.startswith(f"carsynth: error: {out}: ")
+            assert ("no space left" if mounted else "file too large") in line or "MiB free" in line
+            with storage.open_frame_file(out) as f:
+                kept = f.num_episodes
+                assert 5 <= kept < 30 and f.num_frames == 10 * kept
+                assert len(f.read()) == 10 * kept
+        if mounted:
+            (disk / "ballast").unlink()
+        limit = None
+        result = run_cli(*args, "--resume")
+        assert result.returncode == 0, result.stderr
+        full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=30, workers=1,
+                                     max_steps=60, progress=False))  # fmt: skip
+        assert_same_contents(out, full)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)])
+
+
+def test_resume_accepts_other_spellings_of_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    spellings = ["a/x.h5", str(tmp_path / "a" / ".." / "a" / "x.h5"), str(tmp_path / "a/x.h5")]
+    for episodes, out in enumerate(spellings, start=2):
+        config = CollectConfig(out=out, episodes=episodes, workers=1, resume=episodes > 2, **TINY)
+        collect(config)
+    full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=4, workers=1, **TINY))
+    assert_same_contents(tmp_path / "a" / "x.h5", full)
+
+
+def test_a_huge_episode_count_starts_at_once_and_stops_on_ctrl_c(tmp_path):
+    # Building the whole job list first ended in MemoryError for --episodes 100000000.
+    out = tmp_path / "a.h5"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "carsynth", "collect", "--out", str(out), "--episodes",
+         "100000000", "--workers", "2", "--max-steps", "60", "--no-progress"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stored, deadline = 0, time.monotonic() + 120
+    while stored < 1 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+        try:
+            with storage.open_frame_file(out) as f:
+                stored = f.num_episodes
+        except UsageError:
+            pass
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert "continue with: carsynth collect" in process.stderr.read()
+    with storage.open_frame_file(out) as f:
+        assert f.num_episodes >= 1 and f.attrs["episodes_requested"] == 100_000_000

@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -202,7 +203,7 @@ def test_bad_latest_checkpoint_falls_back_to_the_previous(
     config = tiny(fixture_file, run, steps=6, checkpoint_interval=2)
     assert cli.main([*flags(config), "--resume"]) == 0
     err = capsys.readouterr().err
-    (warning,) = [line for line in err.splitlines() if "warning" in line]
+    (warning,) = [line for line in err.splitlines() if "previous good checkpoint" in line]
     assert "ckpt_0000004.pt" in warning and "previous good checkpoint ckpt_0000002.pt" in warning
     assert "weights_only=False" not in err
     assert not marker.exists()  # the malicious pickle never ran
@@ -352,9 +353,10 @@ def test_log_lines_off_a_terminal_and_quiet(fixture_file, tmp_path, capsys):
     config = tiny(fixture_file, tmp_path / "run", steps=4)
     assert cli.main(flags(config)) == 0  # --no-progress: lines, not silence
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if " step " in line]
-    assert lines[0].startswith("carsynth: train step 1/4 (25%) | ") and "img/s | ETA" in lines[0]
-    assert lines[-1].startswith("carsynth: train step 4/4 (100%) d_loss ")
+    lines = [line for line in err.splitlines() if " carsynth: train: " in line]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d carsynth: train: 0/4 steps \(0%\)", lines[0]), lines
+    assert "train: 4/4 steps (100%), " in lines[-1] and "ETA 0:00:00, d_loss=" in lines[-1]
+    assert "g_loss=" in lines[-1] and "img/s=" in lines[-1]
     assert "\r" not in err
     assert cli.main([*flags(config), "--overwrite", "--quiet"]) == 0
     assert capsys.readouterr().err == ""

@@ -226,3 +226,25 @@ def test_a_killed_writers_lock_does_not_block(tmp_path):
     assert (tmp_path / "a.h5.lock").exists()  # left behind by the killed holder ...
     with storage.writer_lock(path):  # ... but the kernel released its lock
         pass
+
+
+def test_a_reader_holding_the_file_never_blocks_its_writer(tmp_path):
+    # carsynth's readers hold no HDF5 file lock: a FrameDataset open for a whole training run
+    # let no --resume open the file ("unable to lock file"; found by the SIGKILL battery).
+    path = tmp_path / "a.h5"
+    new_file(path)
+    storage.append_episodes(path, [make_episode(0, 3)])
+    append = (
+        "import sys, numpy as np; from carsynth import storage\n"
+        "episode = storage.Episode(1, np.ones((4, 8, 8, 3), np.uint8), np.zeros((4, 3)),"
+        " np.zeros(4), np.zeros(4, bool), np.zeros(4, bool))\n"
+        "storage.append_episodes(sys.argv[1], [episode])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with storage.open_frame_file(path) as reader:
+        writer = subprocess.run([sys.executable, "-c", append, str(path)], env=env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert writer.returncode == 0, writer.stderr
+        np.testing.assert_array_equal(reader.read(), make_episode(0, 3).frames)
+    with storage.open_frame_file(path) as f:
+        assert list(f.episodes["seed"]) == [0, 1]

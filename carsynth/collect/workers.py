@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -28,13 +29,13 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from tqdm import tqdm
 
 from carsynth import storage
 from carsynth.collect.frames import EnvSettings, FrameSettings, process_frame
 from carsynth.collect.policies import make_policy, policy_params
 from carsynth.errors import UsageError
 from carsynth.flags import option, required
+from carsynth.progress import Progress, log
 
 # Settings that must match for --resume to continue a file (and for shards to merge).
 RESUME_KEYS = (
@@ -210,12 +211,24 @@ def run_episode(job: EpisodeJob) -> storage.Episode:
     )
 
 
-def _ignore_interrupts() -> None:
+def _init_worker(parent: int) -> None:
     # Ctrl-C (to the whole process group) and a cluster's SIGTERM are the main process's to
     # handle: it stops the workers itself. Workers must not print KeyboardInterrupt tracebacks
     # nor die first and make the main process report a broken pool instead of the interrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker when the main process is gone (killed with SIGKILL, say).
+
+    A worker holds both ends of its job queue's pipe, so it never sees end-of-file and would
+    wait for jobs forever (found by scripts/reliability_battery.py: two orphans per kill).
+    """
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episode]:
@@ -230,7 +243,9 @@ def _ordered(todo: Iterator[EpisodeJob], workers: int) -> Iterator[storage.Episo
         return
     context = multiprocessing.get_context("spawn")
     others = set(multiprocessing.active_children())
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
+    )
     pending: deque[Future] = deque()
     try:
         for job in todo:
@@ -297,13 +312,16 @@ def _resume_state(config: CollectConfig, path: Path, attrs: dict[str, Any]) -> N
     if seeds != expected:
         raise UsageError(f"--resume: the episodes in {path} are not this run's first episodes")
     if dropped:
-        print(f"resume: dropped {dropped} frames of an episode cut short by the last run")
+        log.info(f"resume: dropped {dropped} frames of an episode cut short by the last run")
 
 
 def collect(config: CollectConfig) -> Path:
     """Collect ``config.episodes`` episodes (this shard's part of them) into ``config.out``.
 
-    Returns the output path. Raises :class:`UsageError` for bad settings before writing anything.
+    Returns the output path. Raises :class:`UsageError` for bad settings before writing anything,
+    and when another process is writing ``config.out``. ``KeyboardInterrupt`` (Ctrl-C; the CLI
+    turns SIGTERM into one) stops at once: episodes in flight are dropped, the file keeps the
+    finished ones, and ``resume=True`` continues it.
     """
     check_config(config)
     make_policy(config.policy, config.policy_args)  # fail early on a bad policy
@@ -370,15 +388,14 @@ def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
     )
     workers = config.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(episode_numbers)))
-    bar = tqdm(
-        total=len(config.episode_range()), initial=writer.num_episodes, unit="ep",
-        desc="collect", disable=not config.progress, dynamic_ncols=True,
+    progress = Progress(
+        len(config.episode_range()), desc="collect", unit="ep", initial=writer.num_episodes,
+        mode="auto" if config.progress else "off",
     )  # fmt: skip
     frames, start = 0, time.perf_counter()
-    with bar, contextlib.closing(_ordered(jobs, workers)) as episodes:
+    with progress, contextlib.closing(_ordered(jobs, workers)) as episodes:
         for episode in episodes:
             _append_uninterrupted(writer, episode)
             frames += len(episode)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(frames=frames, fps=f"{frames / elapsed:.0f}")
-            bar.update(1)
+            fps = frames / (time.perf_counter() - start)
+            progress.update(1, frames=frames, fps=f"{fps:.0f}")

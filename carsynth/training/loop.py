@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import math
 import os
 import platform
@@ -33,8 +34,8 @@ import torch.distributed as dist
 from carsynth import __version__, files, report_html, rundir, storage
 from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
-from carsynth.logs import Progress, log
 from carsynth.monitor import FIT_SAMPLES, CollapseMonitor
+from carsynth.progress import Progress, log
 from carsynth.sampling import latents, mix_seed
 from carsynth.training.config import DEFAULT_STEPS, TrainConfig, check_config, resume_differences
 from carsynth.training.data import RunData, epoch_order
@@ -269,8 +270,12 @@ class Trainer:
         self.collapsed, self.failures = False, []
         if self.monitor is not None:
             self.monitor.passed_before = bool(self.resumed.get("monitor_passed", False))
-        progress = Progress("train", plan.total, self.start, plan.global_batch, c.progress,
-                            enabled=self.rank == 0)  # fmt: skip
+        # a bar on a terminal, else a log line every 30 s; nothing on other ranks or --quiet
+        mode = "auto" if c.progress else "log"
+        if self.rank != 0 or not log.isEnabledFor(logging.INFO):
+            mode = "off"
+        progress = Progress(plan.total, desc="train", unit="steps", initial=self.start, mode=mode)
+        stats: dict[str, str] = {}
         try:
             for step in range(self.start, plan.total):
                 # (0) Ctrl-C or SIGTERM since the last step: save this step, stop
@@ -300,14 +305,15 @@ class Trainer:
                 # (4) a metrics row, (5) a sample grid, (6) a checkpoint, (7) the collapse stop
                 if done % c.log_interval == 0 or last:
                     values = self._log(done, sums)
-                    progress.values(d_loss=values[0], g_loss=values[1])
+                    stats = {"d_loss": f"{values[0]:.4g}", "g_loss": f"{values[1]:.4g}",
+                             "img/s": f"{self.images_per_s:.0f}"}  # fmt: skip
                 if self.rank == 0 and (done % c.sample_interval == 0 or last):
                     self._samples(done)
                 if self.rank == 0 and (done % c.checkpoint_interval == 0 or last):
                     self._save(done, signals)
                 if c.stop_on_collapse and done % c.monitor_interval == 0:
                     self._stop_if_collapsed(done)
-                progress.step(done)
+                progress.update(1, **stats)
         finally:
             progress.close()
             if self.metrics is not None:
@@ -365,6 +371,7 @@ class Trainer:
         values = (sums / self.since).tolist()
         self._check_divergence(done, values)
         seconds = time.perf_counter() - self.tick
+        self.images_per_s = self.since * self.plan.global_batch / seconds
         if self.metrics is not None:
             with torch.no_grad():
                 samples = self.nets.ema(self.fixed_z).float()
@@ -378,7 +385,7 @@ class Trainer:
                 "d_fake": values[3],
                 "fm_distance": values[4],
                 "sample_diversity": diversity,
-                "images_per_s": self.since * self.plan.global_batch / seconds,
+                "images_per_s": self.images_per_s,
             }
             if self.monitor is not None and done % self.c.monitor_interval == 0:
                 row.update(self.monitor(self.nets.ema))

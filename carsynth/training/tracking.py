@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from carsynth import files, rundir
-from carsynth.logs import log
+from carsynth.progress import log
 
 TENSORBOARD = "tensorboard"
 # metrics.jsonl key -> TensorBoard tag
