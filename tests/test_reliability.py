@@ -360,3 +360,26 @@ def test_log_lines_off_a_terminal_and_quiet(fixture_file, tmp_path, capsys):
     assert "\r" not in err
     assert cli.main([*flags(config), "--overwrite", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------- run
+@pytest.mark.parametrize("where", ["collect", "train"])
+def test_run_interrupted_says_how_to_continue(tmp_path, monkeypatch, capsys, where):
+    from carsynth import pipeline
+
+    def stop(config):
+        if where == "train":
+            raise TrainingInterrupted(3, Path(config.out) / "checkpoints" / "ckpt_0000003.pt")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "collect", stop)
+    monkeypatch.setattr(pipeline, "_collection_finished", lambda *a: where == "train")
+    monkeypatch.setattr("carsynth.training.loop.train", stop)
+    argv = ["run", "--preset", "test", "--out", str(tmp_path / "p"), "--no-progress"]
+    assert cli.main(argv) == 130
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith(
+        f"what was finished is stored; continue with: {shlex.join(['carsynth', *argv])}"
+    )
+    if where == "train":
+        assert line.startswith("carsynth: interrupted at step 3; checkpoint ")
