@@ -25,7 +25,7 @@ from carsynth import files, rundir
 
 PAGE = "report.html"
 MAX_LIST = 12  # longer lists of numbers are shown by their first values and their length
-MAX_GRIDS = 8  # sample grids shown over time (evenly spaced, always the last)
+MAX_GRIDS = 6  # sample grids shown over time (evenly spaced, the first and the last among them)
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -43,10 +43,11 @@ def _text(value: Any) -> str:
     return html.escape(str(value))
 
 
-def json_html(value: Any) -> str:
-    """Any JSON value as HTML: objects as two-column tables (nested), long number lists cut."""
+def json_html(value: Any, key: str = "") -> str:
+    """Any JSON value as HTML: objects as two-column tables (nested), long number lists cut; a
+    verdict (a bool under a key with "pass" in it) in green or red."""
     if isinstance(value, dict):
-        rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{json_html(v)}</td></tr>"
+        rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{json_html(v, str(k))}</td></tr>"
                        for k, v in value.items())  # fmt: skip
         return f"<table>{rows}</table>" if rows else "{}"
     if isinstance(value, list):
@@ -55,7 +56,7 @@ def json_html(value: Any) -> str:
         shown = ", ".join(_text(v) for v in value[:MAX_LIST])
         more = f", ... ({len(value)} values)" if len(value) > MAX_LIST else ""
         return f"[{shown}{more}]"
-    if isinstance(value, bool):
+    if isinstance(value, bool) and "pass" in key:
         return f'<span class="{"pass" if value else "fail"}">{value}</span>'
     return _text(value)
 
@@ -92,8 +93,6 @@ def run_sections(run_dir: str | os.PathLike) -> list[tuple[str, str]]:
     status = (f"{rows[-1]['step'] if rows else 0} of {record['steps']} steps logged; "
               f"checkpoints: {', '.join(p.name for p in found) or 'none'}")  # fmt: skip
     sections = [("Training run", f"<p>{html.escape(str(run_dir.resolve()))}: {status}</p>")]
-    if rows:
-        sections.append(("Latest metrics", json_html(rows[-1])))
     plot = run_dir / rundir.LOSS_PLOT
     if plot.exists():
         sections.append(("Curves", figure(plot, "losses, D outputs, diversity, monitor")))
@@ -104,6 +103,8 @@ def run_sections(run_dir: str | os.PathLike) -> list[tuple[str, str]]:
         shown = "".join(figure(grids[i], f"step {int(grids[i].stem[5:])}") for i in pick)
         sections.append(("Samples over time (EMA generator, fixed noise)",
                          f'<div class="grids">{shown}</div>'))  # fmt: skip
+    if rows:
+        sections.append(("Latest metrics", json_html(rows[-1])))
     settings = {key: record[key] for key in record if key != "config"}
     sections.append(("Settings", json_html(record["config"])))
     sections.append(("Data, schedule and versions", json_html(settings)))
@@ -151,14 +152,17 @@ def write_validation_page(
 def write_pipeline_page(
     out: str | os.PathLike, run_dir: Path, report_dir: Path, provenance: dict[str, Any] | None
 ) -> Path:
-    """Write ``OUT/report.html`` for ``carsynth run``: the run's and the validation's sections."""
+    """Write ``OUT/report.html`` for ``carsynth run``: the verdict first, then the run's and the
+    validation's sections, the pipeline's settings last."""
     out = Path(out)
-    sections = []
+    validation = []
+    if (report_dir / "report.json").exists():
+        validation = validation_sections(report_dir, provenance)
+    sections = validation[:1]  # the verdict
+    if (run_dir / rundir.CONFIG).exists():
+        sections += run_sections(run_dir)
+    sections += validation[1:]
     if (out / "pipeline.json").exists():
         sections.append(("Pipeline settings",
                          json_html(json.loads((out / "pipeline.json").read_text()))))  # fmt: skip
-    if (run_dir / rundir.CONFIG).exists():
-        sections += run_sections(run_dir)
-    if (report_dir / "report.json").exists():
-        sections += validation_sections(report_dir, provenance)
     return _write(out / PAGE, page(f"carsynth pipeline {out.name}", sections))

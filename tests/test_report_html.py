@@ -87,8 +87,9 @@ def test_validation_page_embeds_every_figure_and_renders_report_json(tmp_path):
 
 
 def test_json_html_shortens_long_lists_and_escapes():
-    html = report_html.json_html({"<b>": list(range(100)), "ok": True})
-    assert "&lt;b&gt;" in html and "... (100 values)" in html and 'class="pass"' in html
+    html = report_html.json_html({"<b>": list(range(100)), "passed": True, "resume": False})
+    assert "&lt;b&gt;" in html and "... (100 values)" in html
+    assert html.count('class="pass"') == 1 and 'class="fail"' not in html
 
 
 def test_tensorboard_scalars_and_sample_grids_have_the_usual_names(run):

@@ -37,8 +37,17 @@ def plot_losses(metrics_path: Path, out: Path, title: str | None = None) -> None
     checked = [r for r in rows if "ndb" in r]
     fig = Figure(figsize=(11, 7 + 3.2 * bool(checked)))
     axes = fig.subplots(2 + bool(checked), 2, squeeze=False)
-    _panel(axes[0, 0], rows, {"d_loss": "D loss", "g_loss": "G loss"}, "Losses", "loss (signed)")
+    # D and G losses on axes of their own (feature matching's G loss is hundreds, D's about 1)
+    _panel(axes[0, 0], rows, {"d_loss": "D loss"}, "Losses (signed)", "D loss")
+    g_axis = axes[0, 0].twinx()
+    points = [(r["step"], r["g_loss"]) for r in rows if "g_loss" in r]
+    if points:
+        g_axis.plot(*zip(*points, strict=True), color="tab:orange", label="G loss")
+        g_axis.legend(fontsize=8, loc="upper right")
+    g_axis.set_ylabel("G loss", color="tab:orange")
     axes[0, 0].axhline(0, color="0.5", lw=0.6)
+    if axes[0, 0].lines:
+        axes[0, 0].legend(fontsize=8, loc="upper left")
     _panel(axes[0, 1], rows, {"fm_distance": "||E f(x) - E f(G(z))||^2"},
            "Feature-matching distance (Salimans et al. 2016)", "squared distance")  # fmt: skip
     _panel(axes[1, 0], rows, {"d_real": "D(x), real", "d_fake": "D(G(z)), generated"},
