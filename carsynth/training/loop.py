@@ -248,8 +248,9 @@ class Trainer:
         (self.out / rundir.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         (self.out / rundir.SAMPLES).mkdir(exist_ok=True)
         rundir.write_run_config(self.out, record)
-        for stale in (self.out / rundir.CHECKPOINTS).glob(".*.tmp"):
-            stale.unlink()
+        for folder in (self.out, self.out / rundir.CHECKPOINTS):  # a killed run's temporary files
+            for stale in folder.glob(".*.tmp"):
+                stale.unlink()
         # Checkpoints past the one resumed did not load: kept aside for a look, out of the way
         for newer in rundir.checkpoints(self.out):
             if int(newer.stem.split("_")[1]) > self.start:
@@ -279,7 +280,7 @@ class Trainer:
         try:
             for step in range(self.start, plan.total):
                 # (0) Ctrl-C or SIGTERM since the last step: save this step, stop
-                if self._stop_requested(signals):
+                if self._stop_requested(signals, step):
                     self._interrupt(step, signals)
                 # (1) update D critic_steps times, each on its own batch and noise; the G update
                 # then uses the last of them (its fake batch keeps the generator's graph).
@@ -320,10 +321,13 @@ class Trainer:
                 self.metrics.close()
         return self.out
 
-    def _stop_requested(self, signals: StopSignals | None) -> bool:
-        """Whether a signal asked to stop (any process's: every process stops at one step)."""
+    def _stop_requested(self, signals: StopSignals | None, step: int) -> bool:
+        """Whether a signal asked to stop. Several processes agree on it (any process's signal
+        stops all at one step) at logging steps only, to keep one host sync per interval."""
         flag = signals is not None and signals.requested
         if self.world > 1:
+            if step % self.c.log_interval:
+                return False
             t = torch.tensor([float(flag)], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
