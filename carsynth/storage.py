@@ -213,7 +213,8 @@ def create_frame_file(
     return atomic_write(path, build)
 
 
-# How long opening a file for appending waits for a reader that holds it without SWMR.
+# How long opening a file waits for another process: a writer for a reader that holds HDF5's
+# lock, a reader for a writer that has not switched to SWMR mode yet.
 OPEN_WAIT_SECONDS = 10.0
 
 
@@ -515,15 +516,22 @@ def _open_h5(path: Path, cache_bytes: int | None = None) -> h5py.File:
     ``cache_bytes`` sizes the per-dataset chunk cache (``None``: HDF5's default, 1 MiB before
     HDF5 2.0 and 8 MiB since).
     """
-    try:
-        h5py.File(path, "r", locking=False).close()
-    except OSError as error:
-        if "already open for write" not in str(error):
-            raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
-    try:
-        return h5py.File(path, "r", swmr=True, locking=False, rdcc_nbytes=cache_bytes)
-    except OSError as error:
-        raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
+    deadline = time.monotonic() + OPEN_WAIT_SECONDS
+    while True:
+        try:
+            h5py.File(path, "r", locking=False).close()
+        except OSError as error:
+            if "already open for write" not in str(error):
+                raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
+        try:
+            return h5py.File(path, "r", swmr=True, locking=False, rdcc_nbytes=cache_bytes)
+        except OSError as error:
+            # A writer between opening the file and switching to SWMR mode (milliseconds).
+            if "not already open for SWMR writing" not in str(error):
+                raise UsageError(f"{path}: not an HDF5 file or damaged ({error})") from None
+            if time.monotonic() > deadline:
+                raise UsageError(f"{path}: being written without SWMR; retry later") from None
+        time.sleep(0.01)
 
 
 class FrameFile:
@@ -558,6 +566,44 @@ class FrameFile:
         self.kind = self.attrs["kind"]
         if self.kind not in KINDS:
             raise self._fail(f"kind {self.kind!r}")
+        # The episode table is read before any other dataset is opened: while a writer appends
+        # (SWMR), the datasets are then at least as long as the table says, because the writer
+        # flushes an episode's steps before its row. (Read the other way round, a reader could
+        # see a row whose frames its older view of 'frames' did not have yet.)
+        self.episodes: np.ndarray | None = self._read_table() if self.kind == "real" else None
+        self._check_frames()
+        self.num_frames = int(self.frames.shape[0])
+        if self.episodes is not None:
+            self.num_frames = int(self.episodes["length"].sum())
+            for name in ("frames", *STEP_DATASETS):
+                if self.h5[name].shape[0] < self.num_frames:
+                    raise self._fail(
+                        f"'{name}' is shorter than the episode table (truncated file?)"
+                    )
+
+    def _read_table(self) -> np.ndarray:
+        """The episode table of a real file, checked: columns, lengths, contiguous starts."""
+        if "frames" not in self.h5:
+            raise self._fail("no 'frames' dataset")
+        for name in (*STEP_DATASETS, "episodes"):
+            if name not in self.h5:
+                raise self._fail(f"real file without '{name}'")
+        table = self.h5["episodes"][:]
+        if table.dtype.names != EPISODE_DTYPE.names:
+            raise self._fail("episode table has the wrong columns")
+        negative = np.flatnonzero(table["length"] < 0)
+        if len(negative):
+            first = table[negative[0]]
+            raise self._fail(
+                f"episode {negative[0]} (seed {first['seed']}) has length {first['length']}"
+            )
+        starts = np.concatenate([[0], np.cumsum(table["length"])[:-1]])
+        if len(table) and not np.array_equal(starts, table["start"]):
+            raise self._fail("episode table is not contiguous")
+        return table
+
+    def _check_frames(self) -> None:
+        """The frames dataset: uint8 (N, H, W, 3), H and W as the attribute says."""
         if "frames" not in self.h5 or not isinstance(self.h5["frames"], h5py.Dataset):
             raise self._fail("no 'frames' dataset")
         self.frames: h5py.Dataset = self.h5["frames"]
@@ -570,30 +616,6 @@ class FrameFile:
             raise self._fail(
                 f"frames are {self.frame_size}, attribute says {self.attrs.get('frame_size')}"
             )
-        self.episodes: np.ndarray | None = None
-        self.num_frames = int(self.frames.shape[0])
-        if self.kind == "real":
-            for name in (*STEP_DATASETS, "episodes"):
-                if name not in self.h5:
-                    raise self._fail(f"real file without '{name}'")
-            self.episodes = self.h5["episodes"][:]
-            if self.episodes.dtype.names != EPISODE_DTYPE.names:
-                raise self._fail("episode table has the wrong columns")
-            negative = np.flatnonzero(self.episodes["length"] < 0)
-            if len(negative):
-                first = self.episodes[negative[0]]
-                raise self._fail(
-                    f"episode {negative[0]} (seed {first['seed']}) has length {first['length']}"
-                )
-            starts = np.concatenate([[0], np.cumsum(self.episodes["length"])[:-1]])
-            if len(self.episodes) and not np.array_equal(starts, self.episodes["start"]):
-                raise self._fail("episode table is not contiguous")
-            self.num_frames = int(self.episodes["length"].sum())
-            for name in ("frames", *STEP_DATASETS):
-                if self.h5[name].shape[0] < self.num_frames:
-                    raise self._fail(
-                        f"'{name}' is shorter than the episode table (truncated file?)"
-                    )
 
     def rows(self, name: str, index: Any) -> np.ndarray:
         """``index`` of dataset ``name``; a damaged chunk raises :class:`UsageError`."""

@@ -248,3 +248,49 @@ def test_a_reader_holding_the_file_never_blocks_its_writer(tmp_path):
         np.testing.assert_array_equal(reader.read(), make_episode(0, 3).frames)
     with storage.open_frame_file(path) as f:
         assert list(f.episodes["seed"]) == [0, 1]
+
+
+def test_readers_wait_out_a_writer_switching_to_swmr(tmp_path):
+    # Between opening a file and turning SWMR on, a writer's file refused SWMR readers ("file is
+    # not already open for SWMR writing"): 869 failed opens of 1,538 in 8 s of reopening.
+    path = tmp_path / "a.h5"
+    new_file(path)
+    reopen = (
+        "import sys, time; from carsynth import storage\n"
+        "end = time.monotonic() + 3\n"
+        "while time.monotonic() < end:\n"
+        "    storage.FrameWriter.open(sys.argv[1]).close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writer = subprocess.Popen([sys.executable, "-c", reopen, str(path)], env=env)
+    opened = 0
+    while writer.poll() is None:
+        with storage.open_frame_file(path) as f:
+            opened += f.num_frames == 0
+    assert writer.returncode == 0 and opened > 10
+
+
+def test_readers_during_appends_see_whole_episodes(tmp_path):
+    # FrameFile once opened 'frames' before reading the episode table; under a writer appending
+    # meanwhile, the table could list an episode that its older view of 'frames' did not have:
+    # "'frames' is shorter than the episode table (truncated file?)".
+    path = tmp_path / "a.h5"
+    new_file(path)
+    append = (
+        "import sys, time, numpy as np; from carsynth import storage\n"
+        "end = time.monotonic() + 3\n"
+        "with storage.FrameWriter.open(sys.argv[1]) as writer:\n"
+        "    while time.monotonic() < end:\n"
+        "        n = 5\n"
+        "        writer.append_episode(storage.Episode(writer.num_episodes,"
+        " np.ones((n, 8, 8, 3), np.uint8), np.zeros((n, 3)), np.zeros(n), np.zeros(n, bool),"
+        " np.zeros(n, bool)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writer = subprocess.Popen([sys.executable, "-c", append, str(path)], env=env)
+    seen = []
+    while writer.poll() is None:
+        with storage.open_frame_file(path) as f:
+            assert f.num_frames == 5 * f.num_episodes
+            seen.append(f.num_episodes)
+    assert writer.returncode == 0 and len(set(seen)) > 10
