@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from carsynth import files, report_html, rundir, sampling, storage
 from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
 from carsynth.flags import option, required
+from carsynth.progress import Progress
 from carsynth.rundir import (
     load_generator,
     read_run_config,
@@ -181,7 +181,7 @@ def export(config: ExportConfig) -> ExportResult:
             {k: v for k, v in asdict(config).items() if k not in ("progress", "overwrite", "data")}
         ),
     }
-    with tqdm(total=1, desc="writing", disable=not config.progress) as bar:
+    with Progress(1, desc="write", unit="files", mode="auto" if config.progress else "off") as bar:
         _write(out, frames, attrs, config.overwrite)
         bar.update()
     if config.report:

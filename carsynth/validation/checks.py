@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from carsynth import storage
 from carsynth.errors import UsageError
 from carsynth.flags import option
+from carsynth.progress import Progress
 
 # The metrics (and torch) are imported where they are used: building the CLI parser reads
 # ValidationConfig, and `carsynth info` should not pay for importing torch.
@@ -211,7 +211,7 @@ def validate_frames(
     config = config or ValidationConfig()
     _check_inputs({"train": train, "holdout": holdout, "fake": fake}, config.k)
     seconds: dict[str, float] = {}
-    bar = tqdm(total=4, desc="validate", disable=not progress, leave=False)
+    bar = Progress(4, desc="validate", unit="checks", mode="auto" if progress else "off")
 
     def stage(name: str, start: float) -> float:
         now = time.perf_counter()
