@@ -6,8 +6,11 @@ and never through the trainer::
     config.json                  every setting, the data file's path and fingerprint, holdout seeds
     metrics.jsonl                one JSON object per logging step
     samples/step_XXXXXXX.png     the EMA generator on the fixed noise batch
-    loss.png                     the loss curves
+    loss.png                     losses, D outputs, diversity, the collapse monitor
+    report.html                  one self-contained page (carsynth.report_html)
+    tensorboard/                 the same numbers and sample grids, when tensorboard is installed
     checkpoints/ckpt_XXXXXXX.pt  networks, EMA generator, optimizers, RNG states, step
+                                 (read with read_checkpoint: torch.load(weights_only=True))
 
 A run whose data file moved is read with ``data=PATH``: the file there must have the recorded
 fingerprint (same contents), so the run's split is still the one it trained on.
