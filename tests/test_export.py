@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 
@@ -130,6 +131,15 @@ def test_run_preset_test_end_to_end_and_resumes(tmp_path):
         assert (out / name).exists(), name
     with storage.open_frame_file(out / "synthetic.h5") as f:
         assert f.num_frames == 200 and f.attrs["forced"]
+        sha = f.attrs["generator_sha256"]
+    # One page for the whole pipeline: the run's curves and samples, the validation's figures,
+    # the exported file's provenance; every figure inlined.
+    page = (out / "report.html").read_text()
+    for figure in (out / "train" / "loss.png", *sorted((out / "validation").glob("*.png"))):
+        assert base64.b64encode(figure.read_bytes()).decode() in page, figure
+    assert "Provenance of the exported file" in page and sha in page
+    for folder in ("train", "validation"):
+        assert (out / folder / "report.html").exists()
     again = run_cli("run", "--preset", "test", "--out", str(out), "--no-progress")
     assert again.returncode == 1, again.stderr  # the skipped export's verdict is still a failure
     assert again.stdout.count("skipped") == 3
