@@ -8,6 +8,7 @@ and exit code 2; Ctrl-C or SIGTERM exits with 130 after the API has stored what 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -19,6 +20,9 @@ from carsynth import __version__
 from carsynth.errors import UsageError
 from carsynth.flags import add_flags, from_flags
 from carsynth.progress import configure_logging
+
+# errno values of a disk that takes no more: full, over quota, file size limit, read-only, denied
+CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +53,6 @@ def _collect_arguments(p: argparse.ArgumentParser) -> None:
 def _collect(args: argparse.Namespace) -> int:
     from carsynth.collect.workers import CollectConfig, collect
 
-    configure_logging(quiet=args.quiet)
     try:
         path = collect(from_flags(CollectConfig, args, policy_args=dict(args.policy_arg)))
     except KeyboardInterrupt:
@@ -152,14 +155,26 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from carsynth.training import TrainConfig, TrainingCollapsed, TrainingDiverged, train
+    from carsynth.training import (
+        TrainConfig,
+        TrainingCollapsed,
+        TrainingDiverged,
+        TrainingInterrupted,
+        train,
+    )
 
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         path = train(from_flags(TrainConfig, args))
     except (TrainingDiverged, TrainingCollapsed) as error:
         print(f"carsynth: error: {error}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0:
+    except TrainingInterrupted as stopped:
+        if rank0:
+            print(f"carsynth: {stopped}; continue with: {resume_command(args.argv)}",
+                  file=sys.stderr)  # fmt: skip
+        return 130
+    if rank0:
         print(f"wrote {path}")
     return 0
 
@@ -244,7 +259,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(describe(config), indent=2, default=str))
         return 0
-    result = run(config)
+    try:
+        result = run(config)
+    except KeyboardInterrupt as stopped:
+        done = f"{stopped}; " if str(stopped) else ""
+        print(f"carsynth: {done}what was finished is stored; continue with: "
+              f"{shlex.join(['carsynth', *args.argv])}", file=sys.stderr)  # fmt: skip
+        return 130
     return 0 if result.passed else 1
 
 
@@ -282,6 +303,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         subparser = sub.add_parser(name, help=help_text, description=help_text)
         if command == name:
             add_arguments(subparser)
+            if "--quiet" in subparser._option_string_actions:  # the config has its own
+                continue
+            subparser.add_argument(
+                "-q", "--quiet", action="store_true",
+                help="only warnings and errors (progress lines go through the 'carsynth' logger)",
+            )  # fmt: skip
     return parser
 
 
@@ -297,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = next((a for a in argv if not a.startswith("-")), None)
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         args.argv = argv
-        configure_logging()
+        configure_logging(quiet=getattr(args, "quiet", False))
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return COMMANDS[args.command][2](args)
@@ -310,3 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("carsynth: interrupted; what was finished is stored", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in CANNOT_WRITE:
+            raise
+        # a full or read-only disk found while writing: one line, what is stored stays readable
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"carsynth: error: {where}{os.strerror(error.errno).lower()}", file=sys.stderr)
+        return 1

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from carsynth import files, rundir, sampling, storage
+from carsynth import files, report_html, rundir, sampling, storage
 from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
 from carsynth.flags import option, required
+from carsynth.progress import Progress
 from carsynth.rundir import (
-    latest_checkpoint,
     load_generator,
     read_run_config,
     run_frames,
@@ -86,13 +85,36 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check(config: ExportConfig) -> Path:
+def _memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_settings(config: ExportConfig, frame_size: tuple[int, int] = (64, 64)) -> None:
+    """UsageError naming the flag for a setting out of range; reads and writes nothing.
+
+    ``carsynth run`` calls it before collecting, when the run directory does not exist yet.
+    """
     if config.num < 1:
         raise UsageError(f"--num must be at least 1, got {config.num}")
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if not (Path(config.run) / "config.json").is_file():
+    if config.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {config.seed}")
+    need, have = config.num * frame_size[0] * frame_size[1] * 3, _memory_bytes()
+    if need > have:  # the samples are validated in memory before anything is written
+        raise UsageError(
+            f"--num {config.num}: the frames would take {need / 2**30:.1f} GiB of memory, "
+            f"this machine has {have / 2**30:.1f} GiB"
+        )
+    resolve_device(config.device)
+
+
+def _check(config: ExportConfig) -> Path:
+    check_settings(config)
+    if not (Path(config.run) / rundir.CONFIG).is_file():
         raise UsageError(f"--run {config.run}: not a carsynth training run (no config.json)")
+    rundir.read_run_config(config.run)  # a UsageError when config.json is not one
     if config.report:
         check_report_dir(config.report, config.overwrite)
     return files.check_writable(config.out, config.overwrite)
@@ -124,7 +146,7 @@ def export(config: ExportConfig) -> ExportResult:
     """
     out = _check(config)
     device = resolve_device(config.device)
-    checkpoint = latest_checkpoint(config.run)
+    checkpoint = rundir.generator_checkpoint(config.run)  # the newest that loads
     run_config = read_run_config(config.run)
     generator = load_generator(config.run, device=device, checkpoint=checkpoint)
     frames = sampling.generate_frames(
@@ -159,10 +181,20 @@ def export(config: ExportConfig) -> ExportResult:
             {k: v for k, v in asdict(config).items() if k not in ("progress", "overwrite", "data")}
         ),
     }
-    with tqdm(total=1, desc="writing", disable=not config.progress) as bar:
+    with Progress(1, desc="write", unit="files", mode="auto" if config.progress else "off") as bar:
         _write(out, frames, attrs, config.overwrite)
         bar.update()
+    if config.report:
+        report_html.write_validation_page(config.report, provenance(out, attrs))
     return ExportResult(out, result)
+
+
+def provenance(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """Where the frames of an exported file came from, for the report page."""
+    keys = ("source_run", "checkpoint", "generator_sha256", "seed", "nz", "latents",
+            "validation_passed", "forced")  # fmt: skip
+    return {"file": str(path.resolve()), **{k: attrs[k] for k in keys},
+            "export_config": json.loads(attrs["export_config"])}  # fmt: skip
 
 
 def regenerate(path: str | os.PathLike, index: int, device: str = "cpu") -> np.ndarray:

@@ -79,9 +79,9 @@ def write_grid(
     with storage.open_frame_file(path) as f:
         if f.num_frames == 0:
             raise UsageError(f"{path}: no frames to show")
-        frames = f.frames[_spread(f, count)]
+        frames = f.rows("frames", _spread(f, count))
     try:
-        files.write_grid(frames, out, columns=int(np.ceil(np.sqrt(len(frames)))))
+        files.write_grid(frames, out, columns=int(np.ceil(np.sqrt(len(frames)))) or 1)
     except OSError as error:
         raise UsageError(f"{out}: cannot write ({error.strerror or error})") from None
     return out

@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from carsynth import files, storage
 from carsynth.collect.workers import CollectConfig, collect
 from carsynth.errors import UsageError
 from carsynth.flags import option, required
+
+if TYPE_CHECKING:
+    from carsynth.export import ExportConfig
+    from carsynth.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,26 @@ def describe(config: PipelineConfig) -> dict:
     }
 
 
+def check_settings(out: Path, collect_config: CollectConfig, train_config: TrainConfig,
+                   export_config: ExportConfig) -> None:  # fmt: skip
+    """Every step's settings, the device and the output folder, checked before the first step
+    starts: a bad ``--device`` is refused at once, not after the collection."""
+    from carsynth.collect.workers import check_config as check_collect
+    from carsynth.devices import resolve_device
+    from carsynth.export import check_settings as check_export
+    from carsynth.training.config import check_config as check_train
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    folder = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--out {out}: {folder} is not writable")
+    check_collect(collect_config)
+    check_train(train_config)
+    resolve_device(train_config.device)
+    check_export(export_config)
+
+
 def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineResult:
     """Run the pipeline, skipping each step whose output is complete and resuming the others."""
     from carsynth.export import ExportRefused, export
@@ -144,8 +170,7 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineR
 
     collect_config, train_config, export_config = _configs(config)
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    check_settings(out, collect_config, train_config, export_config)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.dumps(describe(config), indent=2, default=str)
     files.atomic_write(out / "pipeline.json", lambda tmp: tmp.write_text(settings))
@@ -175,16 +200,31 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineR
         with storage.open_frame_file(synthetic) as f:
             passed = bool(f.attrs.get("validation_passed", False))
         log(f"[3/3] validate + export: {synthetic} exists (validation passed: {passed}), skipped")
-        return PipelineResult(real, run_dir, synthetic, passed, skipped)
+        return _finish(out, PipelineResult(real, run_dir, synthetic, passed, skipped), log)
     log(f"[3/3] validate + export -> {synthetic}")
     try:
         result = export(export_config)
     except ExportRefused as refused:
         log(refused.result.summary())
         log(f"validation failed; report in {export_config.report}; nothing exported")
-        return PipelineResult(real, run_dir, None, False, skipped)
+        return _finish(out, PipelineResult(real, run_dir, None, False, skipped), log)
     log(result.validation.summary())
-    return PipelineResult(real, run_dir, result.path, result.validation.passed, skipped)
+    done = PipelineResult(real, run_dir, result.path, result.validation.passed, skipped)
+    return _finish(out, done, log)
+
+
+def _finish(out: Path, result: PipelineResult, log: Callable[[str], None]) -> PipelineResult:
+    """Write ``OUT/report.html``: the run, the validation and the exported file's provenance."""
+    from carsynth.export import provenance
+    from carsynth.report_html import write_pipeline_page
+
+    origin = None
+    if result.synthetic is not None:
+        with storage.open_frame_file(result.synthetic) as f:
+            origin = provenance(result.synthetic, dict(f.attrs))
+    page = write_pipeline_page(out, result.run, out / "validation", origin)
+    log(f"report: {page}")
+    return result
 
 
 def _collection_finished(path: Path, episodes: int) -> bool:

@@ -6,8 +6,11 @@ and never through the trainer::
     config.json                  every setting, the data file's path and fingerprint, holdout seeds
     metrics.jsonl                one JSON object per logging step
     samples/step_XXXXXXX.png     the EMA generator on the fixed noise batch
-    loss.png                     the loss curves
+    loss.png                     losses, D outputs, diversity, the collapse monitor
+    report.html                  one self-contained page (carsynth.report_html)
+    tensorboard/                 the same numbers and sample grids, when tensorboard is installed
     checkpoints/ckpt_XXXXXXX.pt  networks, EMA generator, optimizers, RNG states, step
+                                 (read with read_checkpoint: torch.load(weights_only=True))
 
 A run whose data file moved is read with ``data=PATH``: the file there must have the recorded
 fingerprint (same contents), so the run's split is still the one it trained on.
@@ -18,13 +21,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
 from carsynth import files, storage
 from carsynth.errors import UsageError
+from carsynth.progress import log
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +45,22 @@ METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+REPORT = "report.html"
+# What a run directory may hold before its config.json exists (a run killed while starting).
+PARTIAL = {CHECKPOINTS, SAMPLES, METRICS, TENSORBOARD, LOSS_PLOT, REPORT}
+# The keys of a training checkpoint (carsynth.training.networks.Networks.state)
+CHECKPOINT_KEYS = (
+    "step",
+    "generator",
+    "discriminator",
+    "ema",
+    "opt_g",
+    "opt_d",
+    "scaler",
+    "rng_cpu",
+)
+T = TypeVar("T")
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -66,12 +90,88 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     return found[-1]
 
 
+def read_checkpoint(
+    path: str | os.PathLike, keys: tuple[str, ...] = CHECKPOINT_KEYS
+) -> dict[str, Any]:
+    """A checkpoint's contents, loaded with ``torch.load(weights_only=True)``.
+
+    The weights-only unpickler accepts tensors and plain containers only: a pickle that would
+    run code (a replaced or malicious file) is refused before anything in it runs. An empty,
+    truncated or foreign file, or one without ``keys``, is a :class:`UsageError` saying which.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(
+            f"{path}: refused by torch.load(weights_only=True): it holds objects other than "
+            f"tensors and plain data (not a carsynth checkpoint; never load it otherwise)"
+        ) from None
+    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError) as error:
+        what = (
+            "empty file" if path.is_file() and path.stat().st_size == 0 else "truncated or damaged"
+        )
+        raise UsageError(
+            f"{path}: not a loadable checkpoint ({what}: {type(error).__name__})"
+        ) from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"{path}: not a carsynth checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def newest_loadable(
+    run_dir: str | os.PathLike,
+    use: Callable[[dict[str, Any]], T],
+    keys: tuple[str, ...] = CHECKPOINT_KEYS,
+) -> tuple[Path, T]:
+    """The newest checkpoint that :func:`read_checkpoint` reads and ``use`` accepts, and what
+    ``use`` returned. Newer ones that fail are skipped with a warning each (a kill or a full disk
+    can leave the latest one bad); when none loads, one :class:`UsageError` lists why."""
+    skipped = []
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            result = use(read_checkpoint(path, keys))
+        except UsageError as error:
+            reason = " ".join(str(error).split())  # one line, whatever torch put in it
+            skipped.append(reason if reason.startswith(str(path)) else f"{path}: {reason}")
+            continue
+        for reason in skipped:
+            log.warning(f"{reason}; using the previous good checkpoint {path.name}")
+        return path, result
+    if skipped:
+        raise UsageError(f"{run_dir}: no checkpoint loads: {' | '.join(skipped)}")
+    raise UsageError(f"{run_dir}: no checkpoints (not a carsynth run directory?)")
+
+
+def is_partial(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` is a folder holding only what a run killed before it wrote
+    ``config.json`` leaves (empty ``checkpoints``/``samples``, temporary files)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / CONFIG).exists() or checkpoints(run_dir):
+        return False
+    return all(p.name in PARTIAL or p.name.endswith(".tmp") for p in run_dir.iterdir())
+
+
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The run's ``config.json``: {"config": TrainConfig fields, "data": ..., "versions": ...}."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise UsageError(f"{run_dir}: no config.json (not a carsynth run directory?)")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: not JSON ({error}); the run's settings are unreadable") from None
+    missing = [
+        k for k in ("config", "data", "steps") if not isinstance(record, dict) or k not in record
+    ]
+    if missing:
+        raise UsageError(f"{path}: not a carsynth run config (no {', '.join(missing)})")
+    return record
 
 
 def write_run_config(run_dir: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -94,18 +194,32 @@ def load_generator(
     device: str | torch.device = "cpu",
     checkpoint: str | os.PathLike | None = None,
 ) -> Generator:
-    """The EMA generator of a checkpoint (default: the run's latest), in eval mode on ``device``."""
-    import torch
-
+    """The EMA generator of a checkpoint (default: the newest that loads), in eval mode."""
     from carsynth.devices import resolve_device
     from carsynth.models import Generator
 
     config = read_run_config(run_dir)["config"]
-    generator = Generator(config["nz"], config["ngf"])
-    checkpoint = checkpoint or latest_checkpoint(run_dir)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    generator.load_state_dict(state["ema"])
+
+    def build(state: dict[str, Any]) -> Generator:
+        generator = Generator(config["nz"], config["ngf"])
+        try:
+            generator.load_state_dict(state["ema"])
+        except (RuntimeError, TypeError, AttributeError):
+            raise UsageError(
+                f"{run_dir}: a checkpoint's generator does not fit config.json"
+            ) from None
+        return generator
+
+    if checkpoint is not None:
+        generator = build(read_checkpoint(checkpoint, ("ema",)))
+    else:
+        generator = newest_loadable(run_dir, build, ("ema",))[1]
     return generator.to(resolve_device(device)).eval()
+
+
+def generator_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The newest checkpoint whose EMA generator loads (what ``export`` samples)."""
+    return newest_loadable(run_dir, lambda state: None, ("step", "ema"))[0]
 
 
 def fingerprint(path: str | os.PathLike) -> dict[str, Any]:

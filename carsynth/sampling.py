@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from carsynth.devices import resolve_device
 from carsynth.files import to_uint8
 from carsynth.models import IMAGE_SIZE
+from carsynth.progress import Progress
 
 LATENT_BLOCK = 1024
 
@@ -60,7 +60,9 @@ def generate_frames(
     device = resolve_device(device)
     nz = generator.nz
     out = []
-    with tqdm(total=count, disable=not progress, unit="frame", desc="generate") as bar:
+    # a bar on a terminal, log lines elsewhere (carsynth.progress)
+    mode = "auto" if progress else "off"
+    with Progress(count, desc="generate", unit="frames", mode=mode) as bar:
         for at in range(start, start + count, batch_size):
             n = min(batch_size, start + count - at)
             z = latents(seed, at, n, nz).to(device)

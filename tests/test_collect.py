@@ -262,11 +262,6 @@ def test_collect_command_does_not_load_torch(tmp_path):
     )
 
 
-@pytest.mark.parametrize("flag", ["--version", "--help"])
-def test_version_and_help_do_not_import_torch(flag):
-    assert _cli_loads_torch([flag]) == ("0", False)
-
-
 def test_readers_and_a_second_writer_never_disturb_a_collect(tmp_path):
     """A polling reader, a dataset holding the file open and a second collect, during a collect.
 
@@ -343,6 +338,11 @@ def test_interrupt_stops_and_prints_the_resume_command(tmp_path, signum):
     full = collect(CollectConfig(out=str(tmp_path / "full.h5"), episodes=6, workers=1,
                                  max_steps=90, progress=False))  # fmt: skip
     assert_same_contents(out, full)
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_do_not_import_torch(flag):
+    assert _cli_loads_torch([flag]) == ("0", False)
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_finished_episodes(tmp_path):

@@ -119,8 +119,11 @@ def test_cli_report_and_exit_codes(tmp_path, fixture_file, fixture_frames, capsy
         f"carsynth: error: {report} holds report.json; pass --overwrite to replace it"
     )
     assert (report / "report.json").stat().st_mtime_ns == before
-    assert main([*common, "--max-copy-share", "1", "--max-ndb-excess", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["config"]["max_copy_share"] == 1.0
+    # A limit of 100% would switch a check off (bug: it passed a copy of the training set).
+    assert main([*common, "--max-copy-share", "1", "--json"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "carsynth: error: --max-copy-share must be in [0, 1), got 1.0"
+    )
 
 
 def test_cli_bad_files_exit_2(tmp_path, fixture_file, fixture_frames) -> None:

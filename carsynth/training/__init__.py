@@ -5,7 +5,9 @@
 ``networks``  generator, discriminator, EMA generator, optimisers: what a checkpoint holds
 ``steps``     the loss, chosen once (:func:`make_objective`), and the D and G updates
 ``loop``      :func:`train`: the loop, top to bottom
-``plots``     the loss curves
+``plots``     the figures of a run (losses, D's outputs, diversity, the monitor)
+``stopping``  why a run stops early: signals (a checkpoint first), divergence
+``tracking``  metrics.jsonl and TensorBoard
 
 The names below are imported on first use, so ``from carsynth.training.config import
 TrainConfig`` (the CLI's flags) does not import torch.
@@ -28,7 +30,8 @@ _HOMES = {
     "discriminator_step": "steps",
     "generator_step": "steps",
     "train": "loop",
-    "TrainingDiverged": "loop",
+    "TrainingDiverged": "stopping",
+    "TrainingInterrupted": "stopping",
     "TrainingCollapsed": "loop",
     "plot_losses": "plots",
 }

@@ -10,6 +10,7 @@ config.json records the resolved values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +24,11 @@ AMP = ("auto", "bf16", "fp16", "off")
 ADAM = {"bce": (2e-4, 0.5, 0.999), "wgan-gp": (1e-4, 0.0, 0.9)}
 CRITIC_STEPS = {"bce": 1, "wgan-gp": 5}
 DEFAULT_STEPS = 5000
+# Bounds that keep a typo from allocating the machine away: DCGAN-64 at width 1024 already has
+# about 0.7e9 generator parameters (Radford et al. use 64 and 128).
+MAX_WIDTH = 1024
+MAX_NZ = 4096
+MAX_LR = 1.0  # Adam steps move each weight by about lr: above 1 a GAN cannot but diverge
 
 
 @dataclass
@@ -89,7 +95,7 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "how many recent checkpoints to keep")
     resume: bool = option(False, "continue the run in --out from its latest checkpoint")
     overwrite: bool = option(False, "replace an existing run directory")
-    progress: bool = option(True, "tqdm progress bar")
+    progress: bool = option(True, "a progress bar on a terminal (--no-progress: plain log lines)")
 
     @property
     def adam(self) -> tuple[float, float, float]:
@@ -121,6 +127,19 @@ RESUMABLE = {
 }  # fmt: skip
 
 
+def parameter_count(nz: int, ngf: int, ndf: int, kernels: int = 0, kernel_dim: int = 0) -> int:
+    """About how many weights the DCGAN-64 pair has (the 4x4 convolutions of
+    :mod:`carsynth.models`, minibatch discrimination's tensor; norms and biases left out)."""
+    generator = 16 * (8 * nz * ngf + 42 * ngf * ngf + 3 * ngf)
+    discriminator = 16 * (42 * ndf * ndf + 11 * ndf + kernels) + 128 * ndf * kernels * kernel_dim
+    return generator + discriminator
+
+
+def _finite(flag: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {value}")
+
+
 def _positive(c: TrainConfig) -> None:
     positive = {
         "--nz": c.nz, "--ngf": c.ngf, "--ndf": c.ndf, "--batch-size": c.batch_size,
@@ -131,12 +150,30 @@ def _positive(c: TrainConfig) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if c.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {c.seed}")
     if c.steps is not None and c.epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
     if c.steps is not None and c.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {c.steps}")
+    _finite("--epochs", c.epochs)
     if c.epochs is not None and not c.epochs > 0:
         raise UsageError(f"--epochs must be > 0, got {c.epochs}")
+
+
+def _size(c: TrainConfig) -> None:
+    """Widths and latent size within bounds; the message says how big the networks would be."""
+    for flag, value, most in (("--ngf", c.ngf, MAX_WIDTH), ("--ndf", c.ndf, MAX_WIDTH),
+                              ("--nz", c.nz, MAX_NZ)):  # fmt: skip
+        if value > most:
+            count = parameter_count(c.nz, c.ngf, c.ndf, c.minibatch_kernels,
+                                    c.minibatch_kernel_dim)  # fmt: skip
+            # weights, gradients and Adam's two moments, in float32
+            raise UsageError(
+                f"{flag} {value} is above the most, {most}: the networks would have about "
+                f"{count:.2g} parameters ({count * 16 / 2**30:.3g} GiB of float32 weights, "
+                f"gradients and Adam moments)"
+            )
 
 
 def _objective(c: TrainConfig) -> None:
@@ -158,11 +195,15 @@ def _objective(c: TrainConfig) -> None:
         )
     for flag, value in (("--gp-weight", c.gp_weight), ("--historical-weight",
                         c.historical_weight), ("--adv-weight", c.adv_weight)):  # fmt: skip
+        _finite(flag, value)
         if value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
     lr, beta1, beta2 = c.adam
-    if lr <= 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-        raise UsageError("--lr must be > 0 and --beta1/--beta2 in [0, 1)")
+    if not 0 < lr <= MAX_LR:  # also false for NaN
+        raise UsageError(f"--lr must be in (0, {MAX_LR:g}], got {lr}")
+    for flag, beta in (("--beta1", beta1), ("--beta2", beta2)):
+        if not 0 <= beta < 1:
+            raise UsageError(f"{flag} must be in [0, 1), got {beta}")
     if not 0.0 <= c.ema_decay < 1.0:
         raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
 
@@ -186,6 +227,7 @@ def _bookkeeping(c: TrainConfig) -> None:
 def check_config(c: TrainConfig) -> None:
     """UsageError naming the flag for any setting out of range (nothing is written before)."""
     _positive(c)
+    _size(c)
     _objective(c)
     _bookkeeping(c)
 

@@ -14,7 +14,10 @@ DistributedDataParallel: each process takes its own slice of every global batch.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import errno
+import io
+import logging
 import math
 import os
 import platform
@@ -27,24 +30,33 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from carsynth import __version__, files, rundir, storage
+from carsynth import __version__, files, report_html, rundir, storage
 from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
 from carsynth.monitor import FIT_SAMPLES, CollapseMonitor
+from carsynth.progress import Progress, log
 from carsynth.sampling import latents, mix_seed
 from carsynth.training.config import DEFAULT_STEPS, TrainConfig, check_config, resume_differences
 from carsynth.training.data import RunData, epoch_order
 from carsynth.training.networks import Networks
 from carsynth.training.plots import plot_losses
 from carsynth.training.steps import autocast, discriminator_step, generator_step, make_objective
+from carsynth.training.stopping import (
+    StopSignals,
+    TrainingDiverged,
+    TrainingInterrupted,
+    check_divergence,
+)
+from carsynth.training.tracking import MetricsLog
 
 SAMPLE_COUNT = 64  # fixed-noise samples: an 8x8 grid and the diversity statistic
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or Inf; the last good checkpoint is kept."""
+# loss.png and report.html are redrawn with a checkpoint at most this often (and at the end)
+FIGURE_SECONDS = 60.0
+# errno values that mean the run directory cannot take more: full disk, quota, file size limit,
+# a read-only file system, no permission
+CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+__all__ = ["train", "TrainingDiverged", "TrainingCollapsed", "TrainingInterrupted"]
 
 
 class TrainingCollapsed(RuntimeError):
@@ -54,8 +66,11 @@ class TrainingCollapsed(RuntimeError):
 def train(config: TrainConfig) -> Path:
     """Train a DCGAN-64 as ``config`` says; returns the run directory.
 
-    Raises ``UsageError`` (before anything is written) for bad settings or data, and
-    :class:`TrainingDiverged` when a loss becomes NaN or Inf.
+    Raises ``UsageError`` (before anything is written) for bad settings or data, or when the
+    run directory cannot be written (disk full: the last good checkpoint is kept);
+    :class:`TrainingDiverged` when a loss or weight becomes NaN, Inf or explodes; and
+    :class:`TrainingInterrupted` after Ctrl-C or SIGTERM, once a checkpoint of the step reached
+    is saved (see :mod:`carsynth.training.stopping`).
     """
     check_config(config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,32 +83,48 @@ def train(config: TrainConfig) -> Path:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        resume_from = _prepare_out(config)
-        with storage.open_frame_file(config.data) as f:
-            return Trainer(config, f, device, rank, world, resume_from).run()
+        resuming = _prepare_out(config)
+        with StopSignals() as signals, storage.open_frame_file(config.data) as f:
+            return Trainer(config, f, device, rank, world, resuming).run(signals)
+    except OSError as error:
+        if error.errno not in CANNOT_WRITE:
+            raise
+        raise UsageError(
+            f"{config.out}: {os.strerror(error.errno).lower()} (writing {error.filename}); "
+            f"the last good checkpoint is kept; make room, then continue with --resume"
+        ) from None
     finally:
         if owns_group:
             dist.destroy_process_group()
 
 
-def _prepare_out(c: TrainConfig) -> Path | None:
-    """Check the run directory; returns the checkpoint to resume from (or None)."""
+def _prepare_out(c: TrainConfig) -> bool:
+    """Check the run directory (nothing is written); returns whether the run resumes.
+
+    A folder that holds only what a run killed while starting leaves (no config.json yet) is
+    started afresh by ``--resume`` and may be replaced by ``--overwrite``.
+    """
     out = Path(c.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    folder = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--out {out}: {folder} is not writable")
+    partial = rundir.is_partial(out)
+    if c.resume and (partial or not out.exists()):
+        log.warning(f"{out}: nothing to resume (no config.json yet); starting the run")
+        return False
     if c.resume:
         diff = resume_differences(rundir.read_run_config(out)["config"], c)
         if diff:
             raise UsageError(f"{out}: --resume with settings that differ from the run: {diff}")
-        found = rundir.checkpoints(out)
-        return found[-1] if found else None
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"{out} exists and is not a directory")
-        if any(out.iterdir()):
-            if not c.overwrite:
-                raise UsageError(f"{out} exists; pass --overwrite to replace it or --resume")
-            if not (out / rundir.CONFIG).is_file():
-                raise UsageError(f"{out}: not a carsynth run directory; refusing to replace it")
-    return None
+        return True
+    if out.exists() and any(out.iterdir()):
+        if not c.overwrite:
+            raise UsageError(f"{out} exists; pass --overwrite to replace it or --resume")
+        if not (out / rundir.CONFIG).is_file() and not partial:
+            raise UsageError(f"{out}: not a carsynth run directory; refusing to replace it")
+    return False
 
 
 @dataclass
@@ -161,71 +192,55 @@ def _monitor(c: TrainConfig, f: storage.FrameFile, data: RunData, device: torch.
     )  # fmt: skip
 
 
-class MetricsLog:
-    """``metrics.jsonl`` (and TensorBoard when installed): one row per logging step."""
-
-    def __init__(self, out: Path, start: int) -> None:
-        self.path = rundir.metrics_path(out)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            self.writer = None
-        # Rows past the checkpoint being resumed will be written again.
-        kept = []
-        if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= start
-            ]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as m:
-            m.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 class Trainer:
     """One run: its data, networks and bookkeeping, and the loop (:meth:`run`)."""
 
     def __init__(self, c: TrainConfig, f: storage.FrameFile, device: torch.device, rank: int,
-                 world: int, resume_from: Path | None) -> None:  # fmt: skip
+                 world: int, resuming: bool) -> None:  # fmt: skip
         self.c, self.device, self.rank, self.world = c, device, rank, world
         self.out = Path(c.out)
         # ---- data: which frames, checked before anything is written
         self.data = RunData.split(f, c, world)
         self.plan = Schedule.of(c, self.data.n, world)
         record = _record(c, f, self.data, self.plan, world, device)
-        if resume_from is not None:
+        if resuming:
             saved = rundir.read_run_config(self.out)["data"]
             if not rundir.same_data(saved["fingerprint"], record["data"]["fingerprint"]):
                 raise UsageError(f"{c.data}: the data file changed since the run started")
-        # ---- run directory (rank 0 writes; every rank reads)
-        if world > 1:
-            dist.barrier()  # every process has checked the inputs before rank 0 writes
-        if rank == 0:
-            self._start_run_dir(record)
         self.source, self.block = self.data.source(f, c, self.plan.global_batch, device)
         self.monitor = (
             _monitor(c, f, self.data, device) if c.monitor_interval and rank == 0 else None
         )
         # ---- networks, optimisers, precision
         self.nets = Networks.build(c, device)
-        self.start = self.nets.load(resume_from, device) if resume_from is not None else 0
+        self.start, self.resumed = 0, {}
+        if resuming:
+            self._resume()
+        # ---- run directory (rank 0 writes; every rank reads), once every input has loaded
+        if world > 1:
+            dist.barrier()  # every process has checked the inputs before rank 0 writes
+        if rank == 0:
+            self._start_run_dir(record)
         self.g_step, self.d_step, self.d_plain = self.nets.for_steps(c, device, world)
         self.objective = make_objective(c)
         self.fixed_z = latents(c.seed, 0, SAMPLE_COUNT, c.nz).to(device)
         self.noise = torch.Generator(device=device)
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint that loads (an older one, with a warning, when the latest
+        is damaged); a run without any starts from step 0."""
+        if not rundir.checkpoints(self.out):
+            return
+
+        def restore(state: dict[str, Any]) -> dict[str, Any]:
+            try:
+                self.start = self.nets.load(state, self.device)
+            except (RuntimeError, KeyError, ValueError, TypeError) as error:
+                detail = " ".join(str(error).split())[:300]
+                raise UsageError(f"does not fit this run's networks ({detail})") from None
+            return state
+
+        _, self.resumed = rundir.newest_loadable(self.out, restore)
 
     def _start_run_dir(self, record: dict[str, Any]) -> None:
         if self.c.overwrite and self.out.exists() and not self.c.resume:
@@ -233,21 +248,40 @@ class Trainer:
         (self.out / rundir.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         (self.out / rundir.SAMPLES).mkdir(exist_ok=True)
         rundir.write_run_config(self.out, record)
-        for stale in (self.out / rundir.CHECKPOINTS).glob(".*.tmp"):
-            stale.unlink()
+        for folder in (self.out, self.out / rundir.CHECKPOINTS):  # a killed run's temporary files
+            for stale in folder.glob(".*.tmp"):
+                stale.unlink()
+        # Checkpoints past the one resumed did not load: kept aside for a look, out of the way
+        for newer in rundir.checkpoints(self.out):
+            if int(newer.stem.split("_")[1]) > self.start:
+                newer.rename(newer.with_name(newer.name + ".unreadable"))
 
-    def run(self) -> Path:
+    def run(self, signals: StopSignals | None = None) -> Path:
         """The loop: D updates, a G update, the averages, then logging, samples, checkpoints."""
         c, plan = self.c, self.plan
-        log = MetricsLog(self.out, self.start) if self.rank == 0 else None
-        # Sums since the last log row, on the device: d_loss, g_loss, D(x), D(G(z)), fm distance.
-        sums = torch.zeros(5, device=self.device)
-        self.since, self.tick, self.epoch = 0, time.perf_counter(), -1
+        self.metrics = MetricsLog(self.out, self.start) if self.rank == 0 else None
+        # Sums since the last log row, on the device: d_loss, g_loss, D(x), D(G(z)), fm distance
+        # (a checkpoint written between two rows carries them, so a resumed row is the same).
+        sums = self.sums = torch.zeros(5, device=self.device)
+        self.since = int(self.resumed.get("log_count", 0))
+        if self.since:
+            sums += self.resumed["log_sums"].to(self.device)
+        self.tick, self.epoch = time.perf_counter(), -1
+        self.figures_at = time.monotonic()
         self.collapsed, self.failures = False, []
-        bar = tqdm(total=plan.total, initial=self.start, desc="train",
-                   disable=not (c.progress and self.rank == 0))  # fmt: skip
+        if self.monitor is not None:
+            self.monitor.passed_before = bool(self.resumed.get("monitor_passed", False))
+        # a bar on a terminal, else a log line every 30 s; nothing on other ranks or --quiet
+        mode = "auto" if c.progress else "log"
+        if self.rank != 0 or not log.isEnabledFor(logging.INFO):
+            mode = "off"
+        progress = Progress(plan.total, desc="train", unit="steps", initial=self.start, mode=mode)
+        stats: dict[str, str] = {}
         try:
             for step in range(self.start, plan.total):
+                # (0) Ctrl-C or SIGTERM since the last step: save this step, stop
+                if self._stop_requested(signals, step):
+                    self._interrupt(step, signals)
                 # (1) update D critic_steps times, each on its own batch and noise; the G update
                 # then uses the last of them (its fake batch keeps the generator's graph).
                 for i in range(plan.critic_steps):
@@ -267,27 +301,56 @@ class Trainer:
                 with torch.no_grad():
                     sums += torch.cat([d_stats[:1], g_loss.detach().float().view(1), d_stats[1:]])
                 self.since += 1
-                bar.update(1)
                 done = step + 1
                 last = done == plan.total
                 # (4) a metrics row, (5) a sample grid, (6) a checkpoint, (7) the collapse stop
                 if done % c.log_interval == 0 or last:
-                    values = self._log(done, sums, log)
-                    bar.set_postfix(d=f"{values[0]:.3f}", g=f"{values[1]:.3f}")
+                    values = self._log(done, sums)
+                    stats = {"d_loss": f"{values[0]:.4g}", "g_loss": f"{values[1]:.4g}",
+                             "img/s": f"{self.images_per_s:.0f}"}  # fmt: skip
                 if self.rank == 0 and (done % c.sample_interval == 0 or last):
-                    with torch.no_grad():
-                        grid = self.nets.ema(self.fixed_z).float()
-                    files.write_grid(grid, rundir.sample_path(self.out, done), columns=8)
+                    self._samples(done)
                 if self.rank == 0 and (done % c.checkpoint_interval == 0 or last):
-                    self._check_finite(sums, done)
-                    self._save(done)
+                    self._save(done, signals)
                 if c.stop_on_collapse and done % c.monitor_interval == 0:
                     self._stop_if_collapsed(done)
+                progress.update(1, **stats)
         finally:
-            bar.close()
-            if log is not None:
-                log.close()
+            progress.close()
+            if self.metrics is not None:
+                self.metrics.close()
         return self.out
+
+    def _stop_requested(self, signals: StopSignals | None, step: int) -> bool:
+        """Whether a signal asked to stop. Several processes agree on it (any process's signal
+        stops all at one step) at logging steps only, to keep one host sync per interval."""
+        flag = signals is not None and signals.requested
+        if self.world > 1:
+            if step % self.c.log_interval:
+                return False
+            t = torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def _interrupt(self, done: int, signals: StopSignals | None) -> None:
+        """Save a checkpoint of ``done`` finished steps (unless the run has just resumed from it)
+        and raise :class:`TrainingInterrupted`."""
+        checkpoint = rundir.checkpoint_path(self.out, done)
+        if self.rank == 0 and done > self.start and not checkpoint.exists():
+            self._save(done, signals)
+        if self.rank == 0 and done > self.start:
+            self._figures()
+        found = rundir.checkpoints(self.out)
+        raise TrainingInterrupted(done, checkpoint if checkpoint in found else None)
+
+    def _samples(self, done: int) -> None:
+        """The EMA generator's fixed-noise grid: a PNG in samples/ and the TensorBoard image."""
+        with torch.no_grad():
+            grid = self.nets.ema(self.fixed_z).float()
+        files.write_grid(grid, rundir.sample_path(self.out, done), columns=8)
+        if self.metrics is not None:
+            self.metrics.images(done, grid)
 
     def _batch(self, step: int, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The real batch, the generated batch and the penalty's mixing weights of D update i."""
@@ -306,13 +369,14 @@ class Trainer:
             fake = self.g_step(z)
         return x, fake, eps
 
-    def _log(self, done: int, sums: torch.Tensor, log: MetricsLog | None) -> list[float]:
-        """Average the sums (the one host sync per interval), write a row, reset the sums."""
+    def _log(self, done: int, sums: torch.Tensor) -> list[float]:
+        """Average the sums (the one host sync per interval), check for divergence, write a row,
+        reset the sums."""
         values = (sums / self.since).tolist()
-        if not all(math.isfinite(v) for v in values):
-            self._diverged(done)
+        self._check_divergence(done, values)
         seconds = time.perf_counter() - self.tick
-        if log is not None:
+        self.images_per_s = self.since * self.plan.global_batch / seconds
+        if self.metrics is not None:
             with torch.no_grad():
                 samples = self.nets.ema(self.fixed_z).float()
                 diversity = torch.pdist(samples.flatten(1)).mean().item()
@@ -325,35 +389,52 @@ class Trainer:
                 "d_fake": values[3],
                 "fm_distance": values[4],
                 "sample_diversity": diversity,
-                "images_per_s": self.since * self.plan.global_batch / seconds,
+                "images_per_s": self.images_per_s,
             }
             if self.monitor is not None and done % self.c.monitor_interval == 0:
                 row.update(self.monitor(self.nets.ema))
                 self.collapsed, self.failures = row["collapsed"], row["collapse_failures"]
-            log.write(row)
+            self.metrics.write(row)
         sums.zero_()
         self.since, self.tick = 0, time.perf_counter()
         return values
 
-    def _diverged(self, done: int) -> None:
-        raise TrainingDiverged(
-            f"loss became NaN/Inf by step {done}; the last good checkpoint is in "
-            f"{self.out / rundir.CHECKPOINTS} (try a lower --lr)"
-        )
+    def _check_divergence(self, done: int, values: list[float]) -> None:
+        """:func:`check_divergence` on the averaged losses and every weight of both networks."""
+        names = ("d_loss", "g_loss", "d_real", "d_fake", "fm_distance")
+        weights = [*self.nets.generator.parameters(), *self.nets.discriminator.parameters()]
+        check_divergence(done, dict(zip(names, values, strict=True)), weights,
+                         self.out / rundir.CHECKPOINTS)  # fmt: skip
 
-    def _check_finite(self, sums: torch.Tensor, done: int) -> None:
-        if not torch.isfinite(sums).all():
-            self._diverged(done)
+    def _save(self, step: int, signals: StopSignals | None = None) -> None:
+        """A checkpoint of ``step`` (the oldest beyond ``keep_checkpoints`` removed), the plot.
 
-    def _save(self, step: int) -> None:
-        """A checkpoint of ``step`` (the oldest beyond ``keep_checkpoints`` removed), the plot."""
+        Checked for divergence first, so a saved checkpoint is always a good one. Serialised in
+        memory, then written through :func:`files.atomic_write`: a kill or a full disk leaves
+        the previous checkpoints whole, and a full disk is an ``OSError`` with its errno.
+        """
+        self._check_divergence(step, (self.sums / self.since).tolist() if self.since else [0.0] * 5)
         state = self.nets.state(step, self.device)
-        files.atomic_write(
-            rundir.checkpoint_path(self.out, step), lambda tmp: torch.save(state, tmp)
-        )
+        state.update(log_sums=self.sums.cpu(), log_count=self.since)
+        if self.monitor is not None:
+            state["monitor_passed"] = self.monitor.passed_before
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with signals.hold() if signals is not None else contextlib.nullcontext():
+            files.atomic_write(
+                rundir.checkpoint_path(self.out, step),
+                lambda tmp: tmp.write_bytes(buffer.getbuffer()),
+            )
         for old in rundir.checkpoints(self.out)[: -self.c.keep_checkpoints]:
             old.unlink()
+        if step == self.plan.total or time.monotonic() - self.figures_at >= FIGURE_SECONDS:
+            self._figures()
+
+    def _figures(self) -> None:
+        """Redraw loss.png and report.html."""
+        self.figures_at = time.monotonic()
         plot_losses(rundir.metrics_path(self.out), self.out / rundir.LOSS_PLOT)
+        report_html.write_run_page(self.out)
 
     def _stop_if_collapsed(self, done: int) -> None:
         flag = torch.tensor([float(self.collapsed)], device=self.device)
@@ -364,6 +445,8 @@ class Trainer:
         checkpoint = rundir.checkpoint_path(self.out, done)
         if self.rank == 0 and not checkpoint.exists():
             self._save(done)
+        if self.rank == 0:
+            self._figures()
         raise TrainingCollapsed(
             f"stopped at step {done}: {'; '.join(self.failures) or 'collapse'}; "
             f"checkpoint {checkpoint} kept"

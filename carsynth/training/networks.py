@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,9 +119,9 @@ class Networks:
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
 
-    def load(self, checkpoint: Path, device: torch.device) -> int:
-        """Restore a checkpoint (networks, optimisers, RNG); returns its step."""
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    def load(self, state: dict[str, Any], device: torch.device) -> int:
+        """Restore a checkpoint's ``state`` (:func:`carsynth.rundir.read_checkpoint`): networks,
+        optimisers, RNG; returns its step."""
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.ema.load_state_dict(state["ema"])

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from carsynth import storage
 from carsynth.errors import UsageError
 from carsynth.flags import option
+from carsynth.progress import Progress
 
 # The metrics (and torch) are imported where they are used: building the CLI parser reads
 # ValidationConfig, and `carsynth info` should not pay for importing torch.
@@ -80,10 +80,40 @@ class ValidationConfig:
         for name in ("alpha", "duplicate_quantile", "copy_quantile"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1)")
+        self._check_ranges()
         if self.device is not None:
             from carsynth.devices import resolve_device
 
             resolve_device(self.device)  # a UsageError naming --device, before any work
+
+    def _check_ranges(self) -> None:
+        """A setting that would switch a check off (0 PCA dimensions, a threshold of 0 or
+        above 1, a 0-pixel resolution) is a UsageError naming its flag."""
+        at_least = {
+            "ndb_resolution": 4, "ndb_fit_samples": 2, "kmeans_iters": 1, "nn_resolution": 4,
+            "pca_dims": 1, "pca_fit_samples": 2, "pairs": 1, "seed": 0,
+        }  # fmt: skip
+        for name, least in at_least.items():
+            if getattr(self, name) < least:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, "
+                                 f"got {getattr(self, name)}")  # fmt: skip
+        for name in ("ndb_resolution", "nn_resolution"):
+            if getattr(self, name) > 512:
+                raise UsageError(f"--{name.replace('_', '-')} must be at most 512")
+        if self.pca_dims > 3 * self.nn_resolution**2:
+            raise UsageError(
+                f"--pca-dims {self.pca_dims}: more than the {3 * self.nn_resolution**2} pixel "
+                f"values of a {self.nn_resolution}x{self.nn_resolution} frame"
+            )
+        shares = ("max_ndb_excess", "max_duplicate_share", "max_copy_share")
+        for name in shares:
+            if not 0.0 <= getattr(self, name) < 1.0:  # 1 or more: the check could never fail
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got "
+                                 f"{getattr(self, name)}")  # fmt: skip
+        if not 0.0 < self.min_collapse_ratio <= 1.0:  # 0: the check could never fail
+            raise UsageError(
+                f"--min-collapse-ratio must be in (0, 1], got {self.min_collapse_ratio}"
+            )
 
 
 @dataclass
@@ -181,7 +211,7 @@ def validate_frames(
     config = config or ValidationConfig()
     _check_inputs({"train": train, "holdout": holdout, "fake": fake}, config.k)
     seconds: dict[str, float] = {}
-    bar = tqdm(total=4, desc="validate", disable=not progress, leave=False)
+    bar = Progress(4, desc="validate", unit="checks", mode="auto" if progress else "off")
 
     def stage(name: str, start: float) -> float:
         now = time.perf_counter()
@@ -230,7 +260,9 @@ def validate_frames(
     )
 
 
-REPORT_FILES = ("report.json", "ndb_bins.png", "nn_distances.png", "closest_pairs.png")
+REPORT_FILES = (
+    "report.json", "ndb_bins.png", "nn_distances.png", "closest_pairs.png", "report.html",
+)  # fmt: skip
 
 
 def check_report_dir(report_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -240,6 +272,9 @@ def check_report_dir(report_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise UsageError(f"{report_dir}: exists and is not a folder")
     if not report_dir.parent.is_dir():
         raise UsageError(f"{report_dir}: folder {report_dir.parent} does not exist")
+    folder = report_dir if report_dir.exists() else report_dir.parent
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{report_dir}: folder {folder} is not writable")
     existing = [name for name in REPORT_FILES if (report_dir / name).exists()]
     if existing and not overwrite:
         raise UsageError(f"{report_dir} holds {existing[0]}; pass --overwrite to replace it")
@@ -253,8 +288,10 @@ def write_report(
 
     Figures: ``ndb_bins.png`` (bin proportions, different bins marked), ``nn_distances.png``
     (nearest-neighbour distance histograms with the thresholds) and ``closest_pairs.png`` (the
-    generated frames nearest to a training frame, each beside that training frame).
+    generated frames nearest to a training frame, each beside that training frame, labelled
+    with their distance). ``report.html`` shows all of it on one self-contained page.
     """
+    from carsynth import report_html
     from carsynth.validation import report
 
     report_dir = check_report_dir(report_dir, overwrite)
@@ -262,7 +299,10 @@ def write_report(
     report.write_json(result.to_dict(), report_dir / "report.json")
     report.plot_bins(result.ndb, result.ndb_baseline, report_dir / "ndb_bins.png")
     report.plot_distances(result.collapse, result.copying, report_dir / "nn_distances.png")
-    report.save_pairs(result.closest_fake, result.closest_train, report_dir / "closest_pairs.png")
+    distances = np.sort(result.copying.fake_distances)[: len(result.closest_fake)]
+    report.save_pairs(result.closest_fake, result.closest_train, report_dir / "closest_pairs.png",
+                      distances, result.copying.copy_threshold)  # fmt: skip
+    report_html.write_validation_page(report_dir)
     return report_dir
 
 

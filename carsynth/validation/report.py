@@ -114,7 +114,46 @@ def plot_distances(collapse: CollapseResult, copying: CopyResult, path: Path) ->
     _save_figure(fig, path)
 
 
-def save_pairs(fake: np.ndarray, train: np.ndarray, path: Path, columns: int = 4) -> None:
-    """A grid of (generated, nearest training frame) pairs side by side, nearest pairs first."""
-    pairs = np.stack([fake, train], axis=1).reshape(-1, *fake.shape[1:])
-    files.write_grid(pairs, path, columns=2 * columns)
+def save_pairs(
+    fake: np.ndarray,
+    train: np.ndarray,
+    path: Path,
+    distances: np.ndarray | None = None,
+    threshold: float | None = None,
+    columns: int = 4,
+) -> None:
+    """The generated frames nearest to a training frame, each beside that training frame.
+
+    Nearest pairs first; each pair is labelled "generated" / "training" with its distance in
+    the neighbour space, marked "copy" when it is below the copy ``threshold``.
+    """
+    from matplotlib.figure import Figure
+
+    count = len(fake)
+    rows = max(1, -(-count // columns))
+    fig = Figure(figsize=(2.6 * columns, 1.55 * rows + 0.6))
+    axes = fig.subplots(rows, 2 * columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(count):
+        left, right = (
+            axes[i // columns, 2 * (i % columns)],
+            axes[i // columns, 2 * (i % columns) + 1],
+        )
+        left.imshow(fake[i])
+        right.imshow(train[i])
+        label = f"generated #{i + 1}"
+        if distances is not None:
+            copy = threshold is not None and distances[i] < threshold
+            label += f"\nd = {distances[i]:.3g}{' COPY' if copy else ''}"
+            left.set_title(label, fontsize=7, color="crimson" if copy else "black")
+        else:
+            left.set_title(label, fontsize=7)
+        right.set_title("nearest training", fontsize=7)
+    limit = f"; copy threshold {threshold:.3g}" if threshold is not None else ""
+    fig.suptitle(
+        f"Generated frames nearest to a training frame (left) and that frame (right){limit}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    _save_figure(fig, path)
