@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from carsynth.metrics.features import Space, check_samples, nearest
+from carsynth.metrics.features import Space, check_samples, nearest, squared_distances
+from carsynth.metrics.null import NullTest, frame_null, frame_statistic
 
 SPACES = ("pixels", "pca")
 
@@ -233,6 +234,180 @@ def copy_check(
         copy_share=float(np.mean(d_fake < threshold)),
         real_copy_share=float(np.mean(d_real < threshold)),
         max_copy_share=max_copy_share,
+        fake_distances=d_fake,
+        real_distances=d_real,
+        nearest_train=nearest_train,
+    )
+
+
+# --- calibrated tests: episode-respecting references and resampled nulls ---------------------
+
+
+def _median(x: np.ndarray) -> float:
+    return float(np.quantile(x, 0.5, method="inverted_cdf"))
+
+
+@dataclass
+class CollapseTest:
+    """Nearest-other-frame distances of ``num`` generated frames against ``num`` real frames
+    drawn across episodes, with a two-sided band from the episode-resampled null."""
+
+    num: int
+    median_fake: float
+    median_real: float
+    test: NullTest  # log(median_fake / median_real)
+    fake_distances: np.ndarray = field(repr=False)
+    real_distances: np.ndarray = field(repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return float(np.exp(self.test.statistic))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num": self.num,
+            "median_fake": self.median_fake,
+            "median_real": self.median_real,
+            "ratio": self.ratio,
+            **self.test.to_dict(),
+        }
+
+
+def cross_episode_matrix(ref: torch.Tensor, episodes: np.ndarray) -> np.ndarray:
+    """Pairwise distances (P, P) of reference rows, infinite within an episode (and on the
+    diagonal): a real frame's neighbours must come from other episodes, as a generator's
+    independent samples would."""
+    d = squared_distances(ref, ref, ref.square().sum(1)).sqrt_().cpu().numpy()
+    d[episodes[:, None] == episodes[None, :]] = np.inf
+    return d
+
+
+def collapse_test(
+    fake: torch.Tensor,
+    ref: torch.Tensor,
+    ref_episodes: np.ndarray,
+    *,
+    num: int = 1000,
+    level: float = 0.05,
+    reps: int = 200,
+    seed: int = 0,
+) -> CollapseTest:
+    """Collapse as a calibrated two-sided test (neighbour-space rows in, result out).
+
+    ``num`` generated rows (a seeded subsample; fewer when there are fewer) and ``num`` reference
+    rows drawn i.i.d. across all reference episodes each get their nearest other row's distance,
+    the real ones only to rows of other episodes (consecutive frames of an episode are near
+    duplicates; a perfect generator's samples are independent). Statistic: log(median generated
+    / median real). Null: the same statistic between ``num`` rows drawn from the reference and
+    ``num`` rows drawn from a cluster bootstrap of its episodes (whole episodes with
+    replacement). Small ratios mean repeated frames (collapse), large ones frames spread wider
+    than real data (noise)."""
+    rng = np.random.default_rng(seed)
+    ref_episodes = np.asarray(ref_episodes)
+    num = min(num, len(fake))
+    if num < 2:
+        raise ValueError("the collapse test needs at least 2 generated frames")
+    pick = np.sort(rng.choice(len(fake), num, replace=False))
+    fake_v = fake[torch.as_tensor(pick, device=fake.device)]
+    d_fake, _ = nearest(fake_v, fake_v, exclude_self=True)
+    matrix = cross_episode_matrix(ref, ref_episodes)
+    _, group = np.unique(ref_episodes, return_inverse=True)
+    members = [np.flatnonzero(group == g) for g in range(group.max() + 1)]
+
+    def medians(rows: np.ndarray) -> tuple[float, np.ndarray]:
+        d = matrix[rows][:, rows].min(1)  # two gathers: 3x faster than np.ix_
+        return _median(d), d
+
+    def bootstrap_rows() -> np.ndarray:
+        pool = np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
+        return pool[rng.integers(len(pool), size=num)]
+
+    median_real, d_real = medians(rng.integers(len(ref), size=num))
+    null = np.empty(reps)
+    for r in range(reps):
+        a, _ = medians(rng.integers(len(ref), size=num))
+        b, _ = medians(bootstrap_rows())
+        null[r] = np.log(a / b)
+    median_fake = _median(d_fake)
+    with np.errstate(divide="ignore"):
+        statistic = float(np.log(median_fake / median_real))
+    return CollapseTest(
+        num=num,
+        median_fake=median_fake,
+        median_real=median_real,
+        test=NullTest("collapse", statistic, null, level, "two-sided"),
+        fake_distances=d_fake,
+        real_distances=d_real,
+    )
+
+
+@dataclass
+class CopyTest:
+    """Distances to the nearest training frame: generated frames against real frames of other
+    episodes (held-out frames, and training frames with their own episode left out)."""
+
+    quantile: float
+    threshold: float  # the real distances' ``quantile``
+    median_fake: float
+    median_real: float
+    test: NullTest  # share of generated frames nearer than the threshold
+    fake_distances: np.ndarray = field(repr=False)
+    real_distances: np.ndarray = field(repr=False)
+    nearest_train: np.ndarray = field(repr=False)
+
+    def closest_pairs(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (generated, training) of the ``count`` generated frames nearest to training."""
+        fake_index = np.argsort(self.fake_distances, kind="stable")[:count]
+        return fake_index, self.nearest_train[fake_index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantile": self.quantile,
+            "threshold": self.threshold,
+            "median_fake": self.median_fake,
+            "median_real": self.median_real,
+            **self.test.to_dict(),
+        }
+
+
+def copy_test(
+    fake: torch.Tensor,
+    ref: torch.Tensor,
+    ref_episodes: np.ndarray,
+    train: torch.Tensor,
+    train_episodes: np.ndarray,
+    *,
+    quantile: float = 0.05,
+    level: float = 0.05,
+    reps: int = 200,
+    seed: int = 0,
+    gen_episodes: int | None = None,
+) -> CopyTest:
+    """Copying as a calibrated one-sided test (neighbour-space rows in, result out).
+
+    Every reference row's distance to the nearest training row of another episode is what a new
+    frame's distance looks like (a training frame with its own episode left out is a frame
+    from a new episode). Statistic: the share of generated rows nearer to a training row than
+    the reference distances' ``quantile``; null: :func:`carsynth.metrics.null.frame_null`
+    (episodes of the reference resampled, ``len(fake)`` i.i.d. draws or ``gen_episodes``)."""
+    device = train.device
+    d_fake, nearest_train = nearest(fake, train)
+    groups = (
+        torch.as_tensor(np.asarray(ref_episodes), device=device),
+        torch.as_tensor(np.asarray(train_episodes), device=device),
+    )
+    d_real, _ = nearest(ref, train, groups=groups)
+    rng = np.random.default_rng(seed)
+    kind = "share_below"
+    null = frame_null(d_real, ref_episodes, len(fake), kind, reps, rng, quantile, gen_episodes)
+    return CopyTest(
+        quantile=quantile,
+        threshold=float(np.quantile(d_real, quantile, method="inverted_cdf")),
+        median_fake=_median(d_fake),
+        median_real=_median(d_real),
+        test=NullTest(
+            "copying", frame_statistic(d_real, d_fake, kind, quantile), null, level, "greater"
+        ),
         fake_distances=d_fake,
         real_distances=d_real,
         nearest_train=nearest_train,
