@@ -94,3 +94,105 @@ def test_pca_space_keeps_the_distances_the_checks_compare(frames) -> None:
     assert np.all(proj <= full + 1e-3)
     far = full > np.median(full)
     assert np.median(proj[far] / full[far]) > 0.8
+
+
+# --- calibrated collapse and copy tests, sharpness, density and coverage ----------------------
+
+
+def ar1_episodes(rng: np.random.Generator, episodes: int, length: int, dim: int, phi: float):
+    """Rows that drift through an 8-D standard normal law, AR(1) with coefficient ``phi``
+    within each episode (consecutive rows near duplicates), and their episode ids."""
+    x = np.empty((episodes, length, dim), np.float32)
+    x[:, 0] = rng.normal(size=(episodes, dim))
+    for t in range(1, length):
+        x[:, t] = phi * x[:, t - 1] + np.sqrt(1 - phi**2) * rng.normal(size=(episodes, dim))
+    return x.reshape(-1, dim), np.repeat(np.arange(episodes), length)
+
+
+@pytest.fixture(scope="module")
+def episodic_rows() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    train, train_ep = ar1_episodes(rng, 40, 50, 8, 0.9)
+    ref, ref_ep = ar1_episodes(rng, 40, 50, 8, 0.9)
+    ref_ep = ref_ep + 100  # other episodes than training's
+    return {
+        "train": train, "train_ep": train_ep,
+        "ref": np.concatenate([train, ref]), "ref_ep": np.concatenate([train_ep, ref_ep]),
+        "perfect": rng.normal(size=(1500, 8)).astype(np.float32),
+        "repeats": np.repeat(rng.normal(size=(15, 8)).astype(np.float32), 100, axis=0),
+        "copies": train[rng.choice(len(train), 1500)],
+        "noise": rng.normal(size=(1500, 8)).astype(np.float32) * 1.5,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "collapse_ok", "copying_ok"),
+    [("perfect", True, True), ("repeats", False, None), ("copies", None, False),
+     ("noise", False, True)],
+)  # fmt: skip
+def test_calibrated_collapse_and_copy_decisions(episodic_rows, name, collapse_ok, copying_ok):
+    from carsynth.metrics.neighbours import (
+        collapse_test,
+        copy_test,
+        new_frame_distances,
+    )
+
+    rows, space = episodic_rows, Space()
+    ref, train, fake = (space.transform(rows[key]) for key in ("ref", "train", name))
+    collapse = collapse_test(fake, ref, rows["ref_ep"], level=0.05, reps=200)
+    assert collapse.num == 80  # one frame per real episode
+    real = new_frame_distances(ref, rows["ref_ep"], train, rows["train_ep"])
+    copying = copy_test(fake, train, real, rows["ref_ep"], level=0.05, reps=100)
+    if collapse_ok is not None:  # copies of consecutive training rows: near each other too
+        assert collapse.test.passed is collapse_ok, collapse.to_dict()
+    if copying_ok is not None:  # 15 distinct rows: any share is a multiple of 1/15, no verdict
+        assert copying.test.passed is copying_ok, copying.to_dict()
+    if name == "repeats":
+        assert collapse.median_fake == 0.0 and collapse.test.statistic == -np.inf
+    if name == "copies":
+        assert copying.test.statistic == 1.0  # every row is a training row
+
+
+def test_new_frame_distances_leave_the_own_episode_out() -> None:
+    from carsynth.metrics.neighbours import new_frame_distances
+
+    space = Space()
+    train = space.transform(np.array([[0.0], [1.0], [10.0]], np.float32))
+    ref = space.transform(np.array([[0.0], [10.5]], np.float32))
+    # Row 0 is training row 0 (episode 0): its nearest training row of another episode is 1.0
+    # away (episode 1). Row 1 is a held-out row (episode 7): 0.5 from training row 2.
+    d = new_frame_distances(ref, np.array([0, 7]), train, np.array([0, 1, 2]))
+    np.testing.assert_allclose(d, [1.0, 0.5], atol=1e-6)
+
+
+def test_sharpness_by_hand() -> None:
+    from carsynth.metrics.sharpness import sharpness
+
+    frame = np.zeros((1, 2, 2, 3), np.uint8)
+    frame[0, 0, 0] = 30  # one pixel differs from its two neighbours by 30 in every channel
+    # Pairs: 2 vertical + 2 horizontal per channel, 12 in all; |diff| sums to 2 * 30 * 3.
+    np.testing.assert_allclose(sharpness(frame), [180 / 12])
+    flat = np.full((3, 8, 8, 3), 77, np.uint8)
+    np.testing.assert_array_equal(sharpness(flat), 0.0)
+
+
+def test_density_and_coverage_match_brute_force() -> None:
+    from carsynth.metrics.prdc import density_coverage
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(120, 5)).astype(np.float32)
+    fake = (rng.normal(size=(90, 5)) + 0.5).astype(np.float32)
+    k = 4
+    # Brute force, as Naeem et al. define them (distances by an independent formula).
+    d_rr = np.linalg.norm(real[:, None].astype(np.float64) - real[None], axis=2)
+    radii = np.sort(d_rr, axis=1)[:, k]  # column 0 is the row itself
+    d_rf = np.linalg.norm(real[:, None].astype(np.float64) - fake[None], axis=2)  # (real, fake)
+    inside = d_rf < radii[:, None]
+    density = inside.sum() / (k * len(fake))
+    coverage = np.mean(d_rf.min(1) < radii)
+    space = Space()
+    result = density_coverage(space.transform(real), space.transform(fake), k=k, chunk=32)
+    assert result.density == pytest.approx(density, abs=1e-9)
+    assert result.coverage == pytest.approx(coverage, abs=1e-9)
+    same = density_coverage(space.transform(real), space.transform(real[:60]), k=k)
+    assert same.coverage > 0.3 and same.density > 0.5

@@ -249,10 +249,10 @@ def _median(x: np.ndarray) -> float:
 
 @dataclass
 class CollapseTest:
-    """Nearest-other-frame distances of ``num`` generated frames against ``num`` real frames
-    drawn across episodes, with a two-sided band from the episode-resampled null."""
+    """Nearest-other-frame distances within ``num`` generated frames against ``num`` real
+    frames, one per episode, with a two-sided band from a permutation null."""
 
-    num: int
+    num: int  # frames per side: one per real episode
     median_fake: float
     median_real: float
     test: NullTest  # log(median_fake / median_real)
@@ -273,69 +273,72 @@ class CollapseTest:
         }
 
 
-def cross_episode_matrix(ref: torch.Tensor, episodes: np.ndarray) -> np.ndarray:
-    """Pairwise distances (P, P) of reference rows, infinite within an episode (and on the
-    diagonal): a real frame's neighbours must come from other episodes, as a generator's
-    independent samples would."""
-    d = squared_distances(ref, ref, ref.square().sum(1)).sqrt_().cpu().numpy()
-    d[episodes[:, None] == episodes[None, :]] = np.inf
-    return d
+def _log_median_nn(matrix: np.ndarray, rows: np.ndarray) -> tuple[float, np.ndarray]:
+    """log of the median nearest-other distance within ``rows`` of a distance ``matrix`` whose
+    diagonal is infinite, and the distances."""
+    d = matrix[rows][:, rows].min(1)
+    with np.errstate(divide="ignore"):
+        return float(np.log(_median(d))), d
 
 
 def collapse_test(
     fake: torch.Tensor,
-    ref: torch.Tensor,
-    ref_episodes: np.ndarray,
+    real: torch.Tensor,
+    real_episodes: np.ndarray,
     *,
-    num: int = 1000,
     level: float = 0.05,
     reps: int = 200,
     seed: int = 0,
+    fake_episodes: np.ndarray | None = None,
 ) -> CollapseTest:
-    """Collapse as a calibrated two-sided test (neighbour-space rows in, result out).
+    """Collapse as an exact two-sided permutation test (neighbour-space rows in, result out).
 
-    ``num`` generated rows (a seeded subsample; fewer when there are fewer) and ``num`` reference
-    rows drawn i.i.d. across all reference episodes each get their nearest other row's distance,
-    the real ones only to rows of other episodes (consecutive frames of an episode are near
-    duplicates; a perfect generator's samples are independent). Statistic: log(median generated
-    / median real). Null: the same statistic between ``num`` rows drawn from the reference and
-    ``num`` rows drawn from a cluster bootstrap of its episodes (whole episodes with
-    replacement). Small ratios mean repeated frames (collapse), large ones frames spread wider
-    than real data (noise)."""
+    One frame drawn at random from each of the G real episodes is an independent draw from the
+    data distribution, exactly what a perfect generator's frame is; so are G generated frames
+    drawn at random (one per episode, when ``fake_episodes`` says they are real episodes).
+    Under the null the 2G frames are exchangeable (Fisher's permutation test; Good 2005,
+    "Permutation, parametric and bootstrap tests of hypotheses"). Statistic: log(median
+    nearest-other distance within the generated set / the same within the real set); null:
+    the statistic for random splits of the pooled 2G frames into two sets of G. Small values
+    mean repeated frames (collapse), large ones frames spread wider than real data (noise).
+    (Real frames drawn freely across episodes would not do: n frames from G episodes cover
+    fewer places than n independent frames, so their distances come out larger.)
+    """
     rng = np.random.default_rng(seed)
-    ref_episodes = np.asarray(ref_episodes)
-    num = min(num, len(fake))
-    if num < 2:
-        raise ValueError("the collapse test needs at least 2 generated frames")
-    pick = np.sort(rng.choice(len(fake), num, replace=False))
-    fake_v = fake[torch.as_tensor(pick, device=fake.device)]
-    d_fake, _ = nearest(fake_v, fake_v, exclude_self=True)
-    matrix = cross_episode_matrix(ref, ref_episodes)
-    _, group = np.unique(ref_episodes, return_inverse=True)
-    members = [np.flatnonzero(group == g) for g in range(group.max() + 1)]
 
-    def medians(rows: np.ndarray) -> tuple[float, np.ndarray]:
-        d = matrix[rows][:, rows].min(1)  # two gathers: 3x faster than np.ix_
-        return _median(d), d
+    def one_per_episode(episodes: np.ndarray, count: int | None) -> np.ndarray:
+        _, group = np.unique(np.asarray(episodes), return_inverse=True)
+        order = rng.permutation(len(group))  # a random frame of each episode: its first here
+        first = order[np.unique(group[order], return_index=True)[1]]
+        return first if count is None else rng.choice(first, min(count, len(first)), False)
 
-    def bootstrap_rows() -> np.ndarray:
-        pool = np.concatenate([members[g] for g in rng.integers(len(members), size=len(members))])
-        return pool[rng.integers(len(pool), size=num)]
-
-    median_real, d_real = medians(rng.integers(len(ref), size=num))
+    real_rows = one_per_episode(real_episodes, None)
+    if fake_episodes is None:
+        fake_rows = rng.choice(len(fake), min(len(real_rows), len(fake)), replace=False)
+    else:
+        fake_rows = one_per_episode(fake_episodes, len(real_rows))
+    num = min(len(real_rows), len(fake_rows))
+    if num < 3:
+        raise ValueError("the collapse test needs at least 3 real episodes and generated frames")
+    real_rows = real_rows[:num]
+    device = fake.device
+    fake_part = fake[torch.as_tensor(fake_rows[:num], device=device)]
+    real_part = real[torch.as_tensor(real_rows, device=real.device)].to(device)
+    pooled = torch.cat([fake_part, real_part])
+    matrix = squared_distances(pooled, pooled, pooled.square().sum(1)).sqrt_().cpu().numpy()
+    np.fill_diagonal(matrix, np.inf)
+    sides = np.arange(2 * num)
+    log_fake, d_fake = _log_median_nn(matrix, sides[:num])
+    log_real, d_real = _log_median_nn(matrix, sides[num:])
     null = np.empty(reps)
     for r in range(reps):
-        a, _ = medians(rng.integers(len(ref), size=num))
-        b, _ = medians(bootstrap_rows())
-        null[r] = np.log(a / b)
-    median_fake = _median(d_fake)
-    with np.errstate(divide="ignore"):
-        statistic = float(np.log(median_fake / median_real))
+        perm = rng.permutation(2 * num)
+        null[r] = _log_median_nn(matrix, perm[:num])[0] - _log_median_nn(matrix, perm[num:])[0]
     return CollapseTest(
         num=num,
-        median_fake=median_fake,
-        median_real=median_real,
-        test=NullTest("collapse", statistic, null, level, "two-sided"),
+        median_fake=float(np.exp(log_fake)),
+        median_real=float(np.exp(log_real)),
+        test=NullTest("collapse", log_fake - log_real, null, level, "two-sided"),
         fake_distances=d_fake,
         real_distances=d_real,
     )
@@ -370,12 +373,25 @@ class CopyTest:
         }
 
 
+def new_frame_distances(
+    ref: torch.Tensor, ref_episodes: np.ndarray, train: torch.Tensor, train_episodes: np.ndarray
+) -> np.ndarray:
+    """Each reference row's distance to the nearest training row of another episode: what a new
+    real frame's distance to the training set looks like (a training frame with its own episode
+    left out is a frame from a new episode; a held-out frame's episode is never in training)."""
+    device = train.device
+    groups = (
+        torch.as_tensor(np.asarray(ref_episodes), device=device),
+        torch.as_tensor(np.asarray(train_episodes), device=device),
+    )
+    return nearest(ref, train, groups=groups)[0]
+
+
 def copy_test(
     fake: torch.Tensor,
-    ref: torch.Tensor,
-    ref_episodes: np.ndarray,
     train: torch.Tensor,
-    train_episodes: np.ndarray,
+    real_distances: np.ndarray,
+    ref_episodes: np.ndarray,
     *,
     quantile: float = 0.05,
     level: float = 0.05,
@@ -385,18 +401,12 @@ def copy_test(
 ) -> CopyTest:
     """Copying as a calibrated one-sided test (neighbour-space rows in, result out).
 
-    Every reference row's distance to the nearest training row of another episode is what a new
-    frame's distance looks like (a training frame with its own episode left out is a frame
-    from a new episode). Statistic: the share of generated rows nearer to a training row than
-    the reference distances' ``quantile``; null: :func:`carsynth.metrics.null.frame_null`
-    (episodes of the reference resampled, ``len(fake)`` i.i.d. draws or ``gen_episodes``)."""
-    device = train.device
+    ``real_distances``: :func:`new_frame_distances` of reference rows from ``ref_episodes``.
+    Statistic: the share of generated rows nearer to a training row than the real distances'
+    ``quantile``; null: :func:`carsynth.metrics.null.frame_null` (reference episodes resampled,
+    ``len(fake)`` i.i.d. draws or ``gen_episodes`` whole episodes)."""
     d_fake, nearest_train = nearest(fake, train)
-    groups = (
-        torch.as_tensor(np.asarray(ref_episodes), device=device),
-        torch.as_tensor(np.asarray(train_episodes), device=device),
-    )
-    d_real, _ = nearest(ref, train, groups=groups)
+    d_real = real_distances
     rng = np.random.default_rng(seed)
     kind = "share_below"
     null = frame_null(d_real, ref_episodes, len(fake), kind, reps, rng, quantile, gen_episodes)

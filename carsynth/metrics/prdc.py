@@ -69,5 +69,5 @@ def density_coverage(
         num_real=len(real),
         num_fake=len(fake),
         density=float(inside_count) / (k * len(fake)),
-        coverage=float(covered.float().mean()),
+        coverage=int(covered.sum()) / len(real),
     )

@@ -34,7 +34,13 @@ import torch
 from carsynth.errors import UsageError
 from carsynth.metrics.features import Space
 from carsynth.metrics.ndb import NDBBins
-from carsynth.metrics.neighbours import CollapseTest, CopyTest, collapse_test, copy_test
+from carsynth.metrics.neighbours import (
+    CollapseTest,
+    CopyTest,
+    collapse_test,
+    copy_test,
+    new_frame_distances,
+)
 from carsynth.metrics.null import (
     BinStats,
     NullTest,
@@ -62,7 +68,6 @@ class GateSettings:
     bin_alpha: float = 0.05  # NDB/K: a bin counts as different below this two-sided p-value
     power: float = 0.9  # refuse sizes with less power than this against dropping a third of bins
     reference_frames: int = 5000  # real frames (across episodes) the neighbour tests sample
-    collapse_frames: int = 1000  # frames per side in the collapse test
     copy_quantile: float = 0.05  # copying: nearer than this quantile of new real frames
     density_k: int = 5  # density and coverage: k-th neighbour radius
 
@@ -139,24 +144,16 @@ class GateResult:
         return not self.failures
 
 
-def _episode_ids(episodes: np.ndarray | None, n: int, offset: int) -> np.ndarray:
-    """Episode ids shifted by ``offset`` (so two sets never share one); i.i.d. rows get one each."""
-    return offset + (np.arange(n) if episodes is None else np.asarray(episodes))
-
-
 def _ndb_test(
-    bins: NDBBins,
-    train_labels: np.ndarray,
-    train_episodes: np.ndarray,
-    holdout: tuple[np.ndarray, np.ndarray],
+    train_counts: np.ndarray,
+    holdout_counts: np.ndarray,
     fake: tuple[np.ndarray, np.ndarray | None],
     settings: GateSettings,
     level: float,
     rng: np.random.Generator,
     min_n: int | None,
 ) -> NDBTest:
-    k = bins.k
-    train_counts = episode_counts(train_labels, train_episodes, k)
+    k = train_counts.shape[1]
     train = bin_sample(train_counts)
     fake_labels, fake_episodes = fake
     gen = bin_sample(episode_counts(fake_labels, fake_episodes, k))
@@ -164,7 +161,7 @@ def _ndb_test(
     stats = bin_stats(train, gen, settings.bin_alpha)
     null = bin_null(train_counts, len(fake_labels), settings.reps, rng, settings.bin_alpha,
                     gen_episodes)  # fmt: skip
-    hold = bin_stats(train, bin_sample(episode_counts(*holdout, k)), settings.bin_alpha)
+    hold = bin_stats(train, bin_sample(holdout_counts), settings.bin_alpha)
     return NDBTest(
         test=NullTest("ndb", float(stats.mean_z2), null.mean_z2, level, "greater"),
         stats=stats,
@@ -178,77 +175,108 @@ def _ndb_test(
     )
 
 
-def judge(
-    train: np.ndarray,
-    train_episodes: np.ndarray,
-    holdout: np.ndarray,
-    holdout_episodes: np.ndarray,
-    fake: np.ndarray,
-    fake_episodes: np.ndarray | None,
-    bins: NDBBins,
-    space: Space,
-    settings: GateSettings | None = None,
-    seed: int = 0,
-) -> GateResult:
-    """Run the four tests and density/coverage on uint8 frames (N, H, W, 3).
+class RealReference:
+    """Everything the gate derives from the real frames, computed once: bin counts per episode,
+    the minimum generated size, per-frame sharpness, and the neighbour-space reference.
 
-    ``*_episodes`` give each frame's episode id (``fake_episodes=None``: independent generated
-    frames); ``bins`` and ``space`` are fitted on ``train``. Raises :class:`UsageError` when
-    ``fake`` is smaller than the NDB test's minimum size (see the module docstring).
+    ``*_episodes`` give each real frame's episode id; ``bins`` and ``space`` are fitted on
+    ``train``. Then :meth:`judge` tests any number of generated sets against it.
     """
-    settings = settings or GateSettings()
-    level = settings.level / len(TESTS)
-    rng = np.random.default_rng(seed)
-    train_labels = bins.assign(train)
-    train_counts = episode_counts(train_labels, train_episodes, bins.k)
-    min_n = min_frames(train_counts, level, settings.power, seed=seed)
-    if min_n is None or len(fake) < min_n:
-        need = "more training episodes" if min_n is None else f"at least {min_n} generated frames"
-        raise UsageError(
-            f"the gate needs {need} to tell a perfect generator from one that drops a third of "
-            f"the modes (power {settings.power:g} at level {level:.3g}); got {len(fake)}"
+
+    def __init__(
+        self,
+        train: np.ndarray,
+        train_episodes: np.ndarray,
+        holdout: np.ndarray,
+        holdout_episodes: np.ndarray,
+        bins: NDBBins,
+        space: Space,
+        settings: GateSettings | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.settings = settings = settings or GateSettings()
+        self.level = settings.level / len(TESTS)
+        self.bins, self.space, self.seed = bins, space, seed
+        rng = np.random.default_rng(seed)
+        train_episodes = np.asarray(train_episodes)
+        hold_ep = 1 + int(train_episodes.max()) + np.asarray(holdout_episodes)
+        self.train_counts = episode_counts(bins.assign(train), train_episodes, bins.k)
+        self.holdout_counts = episode_counts(bins.assign(holdout), hold_ep, bins.k)
+        self.min_frames = min_frames(self.train_counts, self.level, settings.power, seed=seed)
+        real_ep = np.concatenate([train_episodes, hold_ep])
+        self.real_episodes = real_ep
+        self.sharpness = np.concatenate([sharpness(train), sharpness(holdout)])
+        size = min(settings.reference_frames, len(real_ep))
+        pick = np.sort(rng.choice(len(real_ep), size, replace=False))
+        in_train = pick < len(train)
+        ref_v = torch.cat([space.transform(train[pick[in_train]]),
+                           space.transform(holdout[pick[~in_train] - len(train)])])  # fmt: skip
+        self.ref_episodes = real_ep[pick]
+        self.train_v = space.transform(train)
+        self.new_distances = new_frame_distances(ref_v, self.ref_episodes, self.train_v,
+                                                 train_episodes)  # fmt: skip
+        self.real_v = self.train_v[torch.as_tensor(rng.choice(len(train), min(len(train), 5000),
+                                                              replace=False))]  # fmt: skip
+        self.holdout_v = space.transform(holdout)
+        self.all_v = torch.cat([self.train_v, self.holdout_v])
+
+    def check_size(self, n: int) -> None:
+        """UsageError unless ``n`` generated frames reach the NDB test's minimum size."""
+        if self.min_frames is None or n < self.min_frames:
+            need = ("more training episodes" if self.min_frames is None
+                    else f"at least {self.min_frames} generated frames")  # fmt: skip
+            raise UsageError(
+                f"the gate needs {need} to tell a perfect generator from one that drops a third "
+                f"of the modes (power {self.settings.power:g} at level {self.level:.3g}); "
+                f"got {n}"
+            )
+
+    def judge(self, fake: np.ndarray, fake_episodes: np.ndarray | None = None) -> GateResult:
+        """The four tests and density/coverage for uint8 frames ``fake`` (``fake_episodes``:
+        their episode ids when they are real episodes, ``None`` for independent frames).
+        Raises :class:`UsageError` below the minimum size (see the module docstring)."""
+        self.check_size(len(fake))
+        settings, level, seed = self.settings, self.level, self.seed
+        rng = np.random.default_rng(seed + 1)
+        gen_episodes = None if fake_episodes is None else len(np.unique(fake_episodes))
+        ndb = _ndb_test(self.train_counts, self.holdout_counts,
+                        (self.bins.assign(fake), fake_episodes), settings, level, rng,
+                        self.min_frames)  # fmt: skip
+        kind = "log_median_ratio"
+        sharp = NullTest(
+            "sharpness",
+            frame_statistic(self.sharpness, sharpness(fake), kind, 0.5),
+            frame_null(
+                self.sharpness,
+                self.real_episodes,
+                len(fake),
+                kind,
+                settings.reps,
+                rng,
+                0.5,
+                gen_episodes,
+            ),  # fmt: skip
+            level,
+            "two-sided",
         )
-    hold_ep = _episode_ids(holdout_episodes, len(holdout), offset=1 + int(train_episodes.max()))
-    fake_ep = None if fake_episodes is None else np.asarray(fake_episodes)
-    ndb = _ndb_test(
-        bins, train_labels, train_episodes, (bins.assign(holdout), hold_ep),
-        (bins.assign(fake), fake_ep), settings, level, rng, min_n,
-    )  # fmt: skip
-
-    real_ep = np.concatenate([train_episodes, hold_ep])
-    gen_episodes = None if fake_ep is None else len(np.unique(fake_ep))
-    real_sharp = np.concatenate([sharpness(train), sharpness(holdout)])
-    kind = "log_median_ratio"
-    sharp = NullTest(
-        "sharpness",
-        frame_statistic(real_sharp, sharpness(fake), kind, 0.5),
-        frame_null(real_sharp, real_ep, len(fake), kind, settings.reps, rng, 0.5, gen_episodes),
-        level,
-        "two-sided",
-    )
-
-    pick = np.sort(rng.choice(len(real_ep), min(settings.reference_frames, len(real_ep)), False))
-    in_train = pick < len(train)
-    ref_v = torch.cat([space.transform(train[pick[in_train]]),
-                       space.transform(holdout[pick[~in_train] - len(train)])])  # fmt: skip
-    train_v, fake_v = space.transform(train), space.transform(fake)
-    collapse = collapse_test(fake_v, ref_v, real_ep[pick], num=settings.collapse_frames,
-                             level=level, reps=settings.reps, seed=seed)  # fmt: skip
-    copying = copy_test(
-        fake_v, ref_v, real_ep[pick], train_v, train_episodes, quantile=settings.copy_quantile,
-        level=level, reps=settings.reps, seed=seed, gen_episodes=gen_episodes,
-    )  # fmt: skip
-
-    real_v = train_v[torch.as_tensor(rng.choice(len(train), min(len(train), 5000), False))]
-    dc_size = min(len(fake), len(holdout), 5000)  # equal sizes: coverage grows with size
-    hold_pick = np.sort(rng.choice(len(holdout), dc_size, replace=False))
-    return GateResult(
-        ndb=ndb,
-        sharpness=sharp,
-        collapse=collapse,
-        copying=copying,
-        density_coverage=density_coverage(real_v, fake_v[:dc_size], settings.density_k),
-        density_coverage_real=density_coverage(
-            real_v, space.transform(holdout[hold_pick]), settings.density_k
-        ),
-    )
+        fake_v = self.space.transform(fake)
+        collapse = collapse_test(fake_v, self.all_v, self.real_episodes, level=level,
+                                 reps=settings.reps, seed=seed,
+                                 fake_episodes=fake_episodes)  # fmt: skip
+        copying = copy_test(fake_v, self.train_v, self.new_distances, self.ref_episodes,
+                            quantile=settings.copy_quantile, level=level, reps=settings.reps,
+                            seed=seed, gen_episodes=gen_episodes)  # fmt: skip
+        size = min(len(fake), len(self.holdout_v), 5000)  # equal sizes: coverage grows with size
+        fake_pick = torch.as_tensor(np.sort(rng.choice(len(fake), size, replace=False)))
+        hold_pick = torch.as_tensor(np.sort(rng.choice(len(self.holdout_v), size, replace=False)))
+        k = settings.density_k
+        return GateResult(
+            ndb=ndb,
+            sharpness=sharp,
+            collapse=collapse,
+            copying=copying,
+            density_coverage=density_coverage(self.real_v, fake_v[fake_pick.to(fake_v.device)], k),
+            density_coverage_real=density_coverage(
+                self.real_v, self.holdout_v[hold_pick.to(fake_v.device)], k
+            ),
+        )
