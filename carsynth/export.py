@@ -22,16 +22,17 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from carsynth import sampling, storage
+from carsynth import files, rundir, sampling, storage
+from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
-from carsynth.train import (
+from carsynth.flags import option, required
+from carsynth.rundir import (
     latest_checkpoint,
     load_generator,
     read_run_config,
-    resolve_device,
     run_frames,
 )
-from carsynth.validate import (
+from carsynth.validation import (
     ValidationConfig,
     ValidationResult,
     check_report_dir,
@@ -47,16 +48,17 @@ WRITE_BLOCK = 4096
 class ExportConfig:
     """Settings of ``carsynth export``; each field is the flag of the same name."""
 
-    run: str  # the training run directory (``carsynth train --out``)
-    out: str  # the synthetic frame file to write
-    num: int = 50_000  # frames to sample
-    seed: int = 0  # sampling seed: frame i's latent depends only on (seed, i)
-    batch_size: int = 256  # generator batch while sampling
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
-    report: str | None = None  # also write the validation report (JSON, figures) to this dir
-    force: bool = False  # write the file even when validation fails, recording the failure
-    overwrite: bool = False  # replace an existing output file
-    progress: bool = True  # tqdm bars while sampling and validating
+    run: str = required("training run directory (carsynth train --out)")
+    out: str = required("synthetic frame file to write (.h5)")
+    num: int = option(50_000, "frames to generate")
+    seed: int = option(0, "sampling seed: frame i's latent depends only on (SEED, i)")
+    batch_size: int = option(256, "generator batch while sampling")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    data: str | None = option(None, "the run's data file, if it moved (checked by fingerprint)")
+    report: str | None = option(None, "also write the validation report to DIR", metavar="DIR")
+    force: bool = option(False, "write the file even when validation fails, recording that")
+    overwrite: bool = option(False, "replace an existing output file or report")
+    progress: bool = option(True, "progress bars while sampling and validating")
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
@@ -93,7 +95,7 @@ def _check(config: ExportConfig) -> Path:
         raise UsageError(f"--run {config.run}: not a carsynth training run (no config.json)")
     if config.report:
         check_report_dir(config.report, config.overwrite)
-    return storage.check_writable(config.out, config.overwrite)
+    return files.check_writable(config.out, config.overwrite)
 
 
 def _write(path: Path, frames: np.ndarray, attrs: dict[str, Any], overwrite: bool) -> None:
@@ -110,9 +112,9 @@ def _write(path: Path, frames: np.ndarray, attrs: dict[str, Any], overwrite: boo
         )
         for start in range(0, len(frames), WRITE_BLOCK):
             storage.append_frames(tmp, frames[start : start + WRITE_BLOCK])
-        storage.check_writable(path, overwrite)  # nothing appeared at ``path`` meanwhile
+        files.check_writable(path, overwrite)  # nothing appeared at ``path`` meanwhile
 
-    storage.atomic_write(path, build)
+    files.atomic_write(path, build)
 
 
 def export(config: ExportConfig) -> ExportResult:
@@ -124,7 +126,7 @@ def export(config: ExportConfig) -> ExportResult:
     device = resolve_device(config.device)
     checkpoint = latest_checkpoint(config.run)
     run_config = read_run_config(config.run)
-    generator = load_generator(config.run, device=device)
+    generator = load_generator(config.run, device=device, checkpoint=checkpoint)
     frames = sampling.generate_frames(
         generator,
         config.seed,
@@ -134,8 +136,8 @@ def export(config: ExportConfig) -> ExportResult:
         device=device,
         progress=config.progress,
     )
-    train = run_frames(config.run, "train")
-    holdout = run_frames(config.run, "holdout")
+    train = run_frames(config.run, "train", config.data)
+    holdout = run_frames(config.run, "holdout", config.data)
     result = validate_frames(train, holdout, frames, config.validation, progress=config.progress)
     if config.report:
         write_report(result, config.report, overwrite=config.overwrite)
@@ -154,7 +156,7 @@ def export(config: ExportConfig) -> ExportResult:
         "forced": bool(config.force and not result.passed),
         "validation": json.dumps(result.to_dict()),
         "export_config": json.dumps(
-            {k: v for k, v in asdict(config).items() if k not in ("progress", "overwrite")}
+            {k: v for k, v in asdict(config).items() if k not in ("progress", "overwrite", "data")}
         ),
     }
     with tqdm(total=1, desc="writing", disable=not config.progress) as bar:
@@ -177,8 +179,9 @@ def regenerate(path: str | os.PathLike, index: int, device: str = "cpu") -> np.n
     if not 0 <= index < count:
         raise UsageError(f"{path}: frame {index} out of range (the file has {count})")
     run = attrs["source_run"]
-    checkpoint = Path(run) / "checkpoints" / attrs["checkpoint"]
+    checkpoint = Path(run) / rundir.CHECKPOINTS / attrs["checkpoint"]
     if not checkpoint.is_file() or sha256_file(checkpoint) != attrs["generator_sha256"]:
         raise UsageError(f"{checkpoint}: missing or changed since {path} was exported")
-    generator = load_generator(run, device=resolve_device(device), checkpoint=checkpoint)
+    device = resolve_device(device)
+    generator = load_generator(run, device=device, checkpoint=checkpoint)
     return sampling.generate_frames(generator, int(attrs["seed"]), index, 1, device=device)[0]

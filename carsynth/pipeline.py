@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carsynth import storage
+from carsynth import files, storage
 from carsynth.collect.workers import CollectConfig, collect
 from carsynth.errors import UsageError
+from carsynth.flags import option, required
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,12 @@ PRESETS: dict[str, Preset] = {
 class PipelineConfig:
     """Settings of ``carsynth run``."""
 
-    out: str  # the pipeline directory
-    preset: str = "quick"  # a key of PRESETS
-    seed: int = 0  # seeds every step (collection seeds, training, sampling)
-    device: str = "auto"  # training and sampling device
-    force: bool = False  # export even when validation fails (recorded in the file)
-    progress: bool = True
+    out: str = required("pipeline directory (re-run to resume)")
+    preset: str = option("quick", "settings of all steps", choices=tuple(PRESETS))
+    seed: int = option(0, "seeds collection, training and sampling")
+    device: str = option("auto", "training and sampling device: auto, cuda, mps or cpu")
+    force: bool = option(False, "export even when validation fails (recorded in the file)")
+    progress: bool = option(True, "progress bars")
 
 
 @dataclass
@@ -94,8 +95,8 @@ class PipelineResult:
 def _configs(config: PipelineConfig):
     """The config of each step, built from the preset; imports kept here so collect stays light."""
     from carsynth.export import ExportConfig
-    from carsynth.train import TrainConfig
-    from carsynth.validate import ValidationConfig
+    from carsynth.training.config import TrainConfig
+    from carsynth.validation import ValidationConfig
 
     if config.preset not in PRESETS:
         raise UsageError(f"--preset {config.preset}: expected one of {', '.join(PRESETS)}")
@@ -138,7 +139,8 @@ def describe(config: PipelineConfig) -> dict:
 def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineResult:
     """Run the pipeline, skipping each step whose output is complete and resuming the others."""
     from carsynth.export import ExportRefused, export
-    from carsynth.train import train, training_finished
+    from carsynth.rundir import training_finished
+    from carsynth.training import train
 
     collect_config, train_config, export_config = _configs(config)
     out = Path(config.out)
@@ -146,7 +148,7 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> PipelineR
         raise UsageError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     settings = json.dumps(describe(config), indent=2, default=str)
-    storage.atomic_write(out / "pipeline.json", lambda tmp: tmp.write_text(settings))
+    files.atomic_write(out / "pipeline.json", lambda tmp: tmp.write_text(settings))
     skipped = []
 
     real = Path(collect_config.out)

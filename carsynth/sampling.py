@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from carsynth.devices import resolve_device
+from carsynth.files import to_uint8
 from carsynth.models import IMAGE_SIZE
 
 LATENT_BLOCK = 1024
@@ -40,12 +42,6 @@ def latents(seed: int, start: int, count: int, nz: int) -> torch.Tensor:
     return torch.cat(parts).view(count, nz, 1, 1)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Generator output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded to nearest."""
-    pixels = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1)
-
-
 @torch.no_grad()
 def generate_frames(
     generator: nn.Module,
@@ -58,9 +54,10 @@ def generate_frames(
 ) -> np.ndarray:
     """Frames ``start`` .. ``start + count - 1`` of ``seed``: uint8 (count, H, W, 3).
 
-    ``generator`` should be in eval mode (``train.load_generator`` returns it so), which makes
+    ``generator`` should be in eval mode (``rundir.load_generator`` returns it so), which makes
     each frame independent of the others in its batch.
     """
+    device = resolve_device(device)
     nz = generator.nz
     out = []
     with tqdm(total=count, disable=not progress, unit="frame", desc="generate") as bar:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,7 @@ import numpy as np
 
 from carsynth import __version__
 from carsynth.errors import UsageError
+from carsynth.files import atomic_write, check_writable
 
 SCHEMA_VERSION = 1
 KINDS = ("real", "synthetic")
@@ -59,6 +60,7 @@ EPISODE_DTYPE = np.dtype(
 )
 STEP_DATASETS = ("actions", "rewards", "terminated", "truncated")
 Split = Literal["all", "train", "holdout"]
+Ranges = list[tuple[int, int]]  # half-open frame index ranges
 
 
 @dataclass
@@ -117,37 +119,6 @@ def read_attrs(h5: h5py.File) -> dict[str, Any]:
             value = value.decode()
         out[key] = value
     return out
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Write ``path`` by calling ``write(tmp)`` on a temporary name beside it, then renaming.
-
-    A reader (or a run killed meanwhile) sees the old file or the complete new one, never a part;
-    the temporary file is removed on any error. Every file carsynth writes goes through here.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output that exists (unless ``overwrite``) or whose folder is not writable."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists; pass --overwrite to replace it")
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory, expected a file path")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{path}: folder {folder} is not writable")
-    return path
 
 
 def create_frame_file(
@@ -383,12 +354,48 @@ class FrameFile:
         if self.episodes is None:
             self.episode_mask(split)
             return [(0, self.num_frames)] if self.num_frames else []
-        chosen = self.episodes[self.episode_mask(split)]
+        if split != "all":
+            return self.split_ranges()[split]  # THE split: one definition
+        chosen = self.episodes
         return [
             (int(s), int(s + n))
             for s, n in zip(chosen["start"], chosen["length"], strict=True)
             if n
         ]
+
+    def holdout_seeds(self, fraction: float | None = None) -> list[int]:
+        """Seeds of the held-out episodes: the file's flags, or ``is_holdout(seed, fraction)``."""
+        if self.episodes is None:
+            return []
+        seeds = self.episodes["seed"].astype(int)
+        if fraction is None:
+            return sorted(int(s) for s in seeds[self.episodes["holdout"].astype(bool)])
+        return sorted(int(s) for s in seeds if is_holdout(int(s), fraction))
+
+    def split_ranges(self, holdout_seeds: Iterable[int] | None = None) -> dict[str, Ranges]:
+        """THE train/holdout split: frame ranges (whole episodes, file order) of each side.
+
+        The held-out episodes are those whose seed is in ``holdout_seeds``; ``None`` takes the
+        file's own holdout flags. A file without episodes (synthetic) is all "train".
+        """
+        if self.episodes is None:
+            return {"train": self.frame_ranges("all"), "holdout": []}
+        if holdout_seeds is None:
+            held = self.episodes["holdout"].astype(bool)
+        else:
+            held = np.isin(self.episodes["seed"].astype(int), list(holdout_seeds))
+        out: dict[str, Ranges] = {"train": [], "holdout": []}
+        for row, is_held in zip(self.episodes, held, strict=True):
+            if row["length"]:
+                a = int(row["start"])
+                out["holdout" if is_held else "train"].append((a, a + int(row["length"])))
+        return out
+
+    def read_ranges(self, ranges: Ranges) -> np.ndarray:
+        """The frames of ``ranges`` as one uint8 array (N, H, W, 3)."""
+        if not ranges:
+            return np.zeros((0, *self.frame_size, 3), dtype=np.uint8)
+        return np.concatenate([self.frames[a:b] for a, b in ranges])
 
     def count(self, split: Split = "all") -> int:
         return sum(b - a for a, b in self.frame_ranges(split))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -12,9 +13,10 @@ from conftest import FIXTURE, run_cli
 from carsynth import storage
 from carsynth.errors import UsageError
 from carsynth.export import ExportConfig, ExportRefused, export, regenerate
+from carsynth.rundir import load_generator
 from carsynth.sampling import generate_frames
-from carsynth.train import TrainConfig, load_generator, train
-from carsynth.validate import ValidationConfig
+from carsynth.training import TrainConfig, train
+from carsynth.validation import ValidationConfig
 
 # Checks that anything passes: they test the writing path, not the generator (a 4-step GAN fails
 # the default checks, which is what the refusal tests rely on).
@@ -125,3 +127,32 @@ def test_run_preset_test_end_to_end_and_resumes(tmp_path):
     again = run_cli("run", "--preset", "test", "--out", str(out), "--no-progress")
     assert again.returncode == 1, again.stderr  # the skipped export's verdict is still a failure
     assert again.stdout.count("skipped") == 3
+
+
+def test_regenerate_resolves_device_auto(run_dir, tmp_path):
+    # Bug: the unresolved "auto" reached torch (RuntimeError: Expected one of cpu, cuda, ...).
+    out = export(config(run_dir, tmp_path / "s.h5")).path
+    with storage.open_frame_file(out) as f:
+        expected = f.frames[3]
+    np.testing.assert_array_equal(regenerate(out, 3, device="auto"), expected)
+
+
+def test_export_of_a_run_whose_data_moved_takes_data(run_dir, tmp_path):
+    moved = tmp_path / "moved_run"
+    shutil.copytree(run_dir, moved)
+    record = json.loads((moved / "config.json").read_text())
+    record["data"]["path"] = str(tmp_path / "gone.h5")
+    (moved / "config.json").write_text(json.dumps(record))
+    with pytest.raises(UsageError, match="pass --data PATH"):
+        export(config(moved, tmp_path / "a.h5"))
+    copy = shutil.copy(FIXTURE, tmp_path / "here.h5")
+    result = export(config(moved, tmp_path / "b.h5", data=str(copy)))
+    assert (
+        result.validation.num_train
+        == export(config(run_dir, tmp_path / "c.h5")).validation.num_train
+    )
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"not the same file")
+    with pytest.raises(UsageError, match="--data .*fingerprint"):
+        export(config(moved, tmp_path / "d.h5", data=str(other)))
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "d.h5").exists()

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from carsynth.files import to_uint8
 from carsynth.models import Discriminator, Generator, MinibatchDiscrimination
-from carsynth.sampling import LATENT_BLOCK, generate_frames, latents, to_uint8
+from carsynth.sampling import LATENT_BLOCK, generate_frames, latents
 
 torch.set_num_threads(1)  # tiny networks: threads only fight over the two shared cores
 

@@ -21,22 +21,25 @@ from conftest import ROOT
 from carsynth import losses, monitor, storage
 from carsynth.errors import UsageError
 from carsynth.models import Discriminator, Generator
-from carsynth.sampling import generate_frames
-from carsynth.train import (
+from carsynth.rundir import (
     FINGERPRINT_BYTES,
+    fingerprint,
+    latest_checkpoint,
+    load_generator,
+    read_run_config,
+    run_frames,
+    same_data,
+)
+from carsynth.sampling import generate_frames
+from carsynth.training import (
     StreamingFrames,
     TrainConfig,
     TrainingCollapsed,
     TrainingDiverged,
     discriminator_step,
     epoch_order,
-    fingerprint,
     generator_step,
-    latest_checkpoint,
-    load_generator,
-    read_run_config,
-    run_frames,
-    same_data,
+    make_objective,
     train,
 )
 
@@ -96,13 +99,13 @@ def test_each_step_updates_only_its_network(fm: bool) -> None:
     g0, d0 = snapshot(g), snapshot(d)
     config = TrainConfig(data="", out="", fm=fm)
     fake = g(z)
-    stats = discriminator_step(d, opt_d, scaler, x, fake, config)
+    stats = discriminator_step(d, opt_d, scaler, x, fake, make_objective(config))
     assert all(torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
     assert all(not torch.equal(a, b) for a, b in zip(d0, d.parameters(), strict=True))
     assert stats.shape == (4,) and 0 < stats[1] < 1 and 0 < stats[2] < 1
 
     d1 = snapshot(d)
-    g_loss = generator_step(g, d, opt_g, scaler, x, fake, config)
+    g_loss = generator_step(g, d, opt_g, scaler, x, fake, make_objective(config))
     assert all(torch.equal(a, b) for a, b in zip(d1, d.parameters(), strict=True))
     assert all(not torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
     assert all(p.requires_grad for p in d.parameters())  # unfrozen again
@@ -369,6 +372,37 @@ def test_resume_accepts_a_touched_data_file_and_refuses_a_changed_one(
     with pytest.raises(UsageError, match="the data file changed since the run started"):
         train(tiny(data, run, steps=6, resume=True))
     assert load(latest_checkpoint(run))["step"] == 4
+
+
+def test_resume_accepts_the_same_paths_spelled_differently(
+    fixture_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bug: "./runs/x" or an absolute path for "runs/x" was refused as a changed setting.
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(fixture_file, tmp_path / "real.h5")
+    train(tiny(Path("real.h5"), Path("runs/x"), steps=2))
+    train(tiny(Path("./real.h5"), Path("./runs/x"), steps=3, resume=True))
+    train(tiny(tmp_path / "real.h5", tmp_path / "runs" / "x", steps=4, resume=True))
+    assert load(latest_checkpoint(tmp_path / "runs" / "x"))["step"] == 4
+
+
+def test_loss_dependent_defaults_live_in_the_api(fixture_file: Path, tmp_path: Path) -> None:
+    assert TrainConfig(data="d", out="o").adam == (2e-4, 0.5, 0.999)
+    assert TrainConfig(data="d", out="o", loss="wgan-gp").adam == (1e-4, 0.0, 0.9)
+    assert TrainConfig(data="d", out="o", loss="wgan-gp", lr=3e-4).adam == (3e-4, 0.0, 0.9)
+    assert TrainConfig(data="d", out="o", loss="wgan-gp").critic_updates == 5
+    run = train(tiny(fixture_file, tmp_path / "run", loss="wgan-gp", steps=1))
+    recorded = read_run_config(run)["config"]
+    assert (recorded["lr"], recorded["beta1"], recorded["beta2"]) == (1e-4, 0.0, 0.9)
+    betas = load(latest_checkpoint(run))["opt_g"]["param_groups"][0]["betas"]
+    assert tuple(betas) == (0.0, 0.9)
+
+
+def test_feature_layers_agree_with_the_model() -> None:
+    from carsynth.models import FEATURE_LAYERS
+    from carsynth.training import config
+
+    assert config.FEATURE_LAYERS == FEATURE_LAYERS
 
 
 def test_fingerprint_hashes_head_and_tail(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from carsynth import losses, unrolled
 from carsynth.models import Discriminator, Generator
-from carsynth.train import TrainConfig, generator_step
+from carsynth.training import TrainConfig, generator_step, make_objective
 
 
 def warm_adam(
@@ -104,7 +104,7 @@ def test_generator_step_with_unrolling_updates_only_the_generator() -> None:
     g_before = [p.detach().clone() for p in g.parameters()]
 
     config = TrainConfig(data="", out="", fm=True, unrolled_steps=2)
-    g_loss = generator_step(g, d, opt_g, scaler, x, g(z), config, opt_d=opt_d)
+    g_loss = generator_step(g, d, opt_g, scaler, x, g(z), make_objective(config), opt_d=opt_d)
 
     assert torch.isfinite(g_loss)
     assert all(not torch.equal(a, b) for a, b in zip(g_before, g.parameters(), strict=True))

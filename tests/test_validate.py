@@ -12,7 +12,7 @@ from conftest import run_cli
 from carsynth import storage
 from carsynth.cli import main
 from carsynth.errors import UsageError
-from carsynth.validate import ValidationConfig, real_splits, validate_files, validate_frames
+from carsynth.validation import ValidationConfig, real_splits, validate_files, validate_frames
 
 FAST = {"k": 10, "kmeans_iters": 10, "pairs": 4, "ndb_fit_samples": 400, "pca_fit_samples": 400}
 
@@ -66,11 +66,12 @@ def test_bad_arrays_are_usage_errors(fixture_frames) -> None:
         validate_frames(train, holdout, train[:0], ValidationConfig(**FAST))
     with pytest.raises(UsageError, match="--space must be one of pixels, pca"):
         ValidationConfig(space="faiss")
-    with pytest.raises(UsageError, match="--device: 'gpu0' is not a torch device"):
+    with pytest.raises(UsageError, match="--device must be auto, cuda, mps or cpu, got 'gpu0'"):
         ValidationConfig(device="gpu0")
 
 
-def test_real_file_without_holdout_gets_a_seeded_episode_split(tmp_path, fixture_file) -> None:
+def test_real_file_without_holdout_is_refused_naming_the_flag(tmp_path, fixture_file) -> None:
+    # There used to be a private seeded split here, different from train --holdout's.
     path = tmp_path / "no_holdout.h5"
     with storage.open_frame_file(fixture_file) as f:
         storage.create_frame_file(path, kind="real", frame_size=(64, 64), action_dim=3, attrs={})
@@ -78,15 +79,19 @@ def test_real_file_without_holdout_gets_a_seeded_episode_split(tmp_path, fixture
     for episode in episodes:
         episode.holdout = False
     storage.append_episodes(path, episodes)
-    with storage.open_frame_file(path) as f:
-        train, holdout, how = real_splits(f, holdout_fraction=0.25, seed=4)
-        again = real_splits(f, holdout_fraction=0.25, seed=4)
-    assert (len(train), len(holdout)) == (1200, 400)
-    assert how.startswith("seeded split: 2 of 8 episodes held out")
-    np.testing.assert_array_equal(holdout, again[1])
-    # Whole episodes: every held-out frame block of 200 is one episode of the file.
-    starts = [e for e, ep in enumerate(episodes) if np.array_equal(ep.frames, holdout[:200])]
-    assert len(starts) == 1 and np.array_equal(episodes[starts[0]].frames, holdout[:200])
+    with storage.open_frame_file(path) as f, pytest.raises(UsageError, match="--holdout F"):
+        real_splits(f)
+    result = run_cli("validate", "--real", str(path), "--fake", str(fixture_file))
+    assert result.returncode == 2 and "collect with --holdout F" in result.stderr
+
+
+def test_real_splits_is_the_split_training_uses(fixture_file) -> None:
+    with storage.open_frame_file(fixture_file) as f:
+        train, holdout, _ = real_splits(f)
+        ranges = f.split_ranges(f.holdout_seeds())
+        np.testing.assert_array_equal(holdout, f.read_ranges(ranges["holdout"]))
+        np.testing.assert_array_equal(train, f.read("train"))
+        assert len(holdout) == f.count("holdout") == 200
 
 
 def test_cli_report_and_exit_codes(tmp_path, fixture_file, fixture_frames, capsys) -> None:
@@ -144,6 +149,6 @@ def test_validate_files_refuses_bad_inputs(tmp_path, fixture_file, fixture_frame
 
 def test_config_spaces_are_the_metrics_spaces() -> None:
     from carsynth.metrics import neighbours
-    from carsynth.validate import SPACES
+    from carsynth.validation.checks import SPACES
 
     assert SPACES == neighbours.SPACES

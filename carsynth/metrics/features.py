@@ -18,15 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from carsynth.devices import resolve_device
+from carsynth.files import to_float
+
 # Rows per chunk: a 1024 x 50,000 float32 distance block is 200 MB, small enough for any device.
 CHUNK = 1024
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to compute on: the given one, else the GPU when there is one, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_samples(x: np.ndarray, name: str) -> np.ndarray:
@@ -58,7 +54,8 @@ class Space:
         components: torch.Tensor | None = None,
     ):
         self.resolution = resolution
-        self.device = default_device(device)
+        # Not MPS by default: NDB's K-means++ weights are float64, which MPS lacks.
+        self.device = resolve_device(device, allow_mps=False)
         self.mean = mean
         self.components = components
 
@@ -66,7 +63,7 @@ class Space:
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         if t.ndim == 2:
             return t.float()
-        images = t.permute(0, 3, 1, 2).float().div_(255.0)
+        images = to_float(t, signed=False)
         if self.resolution is not None and self.resolution < images.shape[-1]:
             # Area averaging (not strided picking) keeps every pixel's contribution.
             images = F.adaptive_avg_pool2d(images, self.resolution)

@@ -1,0 +1,200 @@
+"""The settings of a training run (:class:`TrainConfig`) and their checks.
+
+Every field carries its help text; the CLI makes one flag per field from it. Settings whose good
+value depends on the loss (Adam's learning rate and betas, the critic steps) default to ``None``
+and are resolved in one place (:attr:`TrainConfig.adam`, :attr:`TrainConfig.critic_updates`):
+DCGAN's Adam (Radford et al. 2015) for "bce", WGAN-GP's (Gulrajani et al. 2017) for "wgan-gp".
+config.json records the resolved values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from carsynth.errors import UsageError
+from carsynth.flags import option, required
+
+FEATURE_LAYERS = (1, 2, 3, 4)  # carsynth.models.FEATURE_LAYERS, checked equal in the tests
+LOSSES = ("bce", "wgan-gp")
+AMP = ("auto", "bf16", "fp16", "off")
+# Adam (lr, beta1, beta2) per loss: DCGAN's (Radford et al. 2015), WGAN-GP's (Gulrajani et al. 2017)
+ADAM = {"bce": (2e-4, 0.5, 0.999), "wgan-gp": (1e-4, 0.0, 0.9)}
+CRITIC_STEPS = {"bce": 1, "wgan-gp": 5}
+DEFAULT_STEPS = 5000
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; all of them are recorded in ``config.json``."""
+
+    data: str = required("carsynth frame file to train on")
+    out: str = required("run directory to create (or to continue with --resume)")
+    # networks (Radford et al. 2015)
+    nz: int = option(100, "latent size")
+    ngf: int = option(64, "generator width (channels of its last hidden layer)")
+    ndf: int = option(64, "discriminator width (channels of its first layer)")
+    # generator objective
+    fm: bool = option(False, "feature-matching generator loss (Salimans et al. 2016)")
+    fm_layer: int = option(4, "discriminator block (1..4) whose features are matched; 4 = last")
+    adv_weight: float = option(0.0, "with --fm: weight of an added non-saturating term")
+    # mode-collapse mitigations (Salimans et al. 2016)
+    real_label: float = option(1.0, "D target for real frames (0.9: one-sided label smoothing)")
+    minibatch_kernels: int = option(0, "minibatch discrimination kernels B (0: off)")
+    minibatch_kernel_dim: int = option(5, "dimension C of each minibatch-discrimination kernel")
+    historical_weight: float = option(0.0, "historical-averaging penalty weight (0: off)")
+    # WGAN-GP (Gulrajani et al. 2017)
+    loss: Literal["bce", "wgan-gp"] = option(
+        "bce", "bce (DCGAN) or wgan-gp (critic without batch norm, gradient penalty)",
+        choices=LOSSES,
+    )  # fmt: skip
+    gp_weight: float = option(10.0, "WGAN-GP gradient-penalty weight lambda")
+    critic_steps: int | None = option(None, "D steps per G step (default 5 for wgan-gp, else 1)")
+    # unrolled GAN (Metz et al. 2017)
+    unrolled_steps: int = option(
+        0, "unrolled GAN: G trains against D this many Adam steps ahead (bce only; 0: off)"
+    )
+    # optimisation: None takes the loss's Adam settings (ADAM)
+    lr: float | None = option(None, "Adam learning rate (default 2e-4; wgan-gp: 1e-4)")
+    beta1: float | None = option(None, "Adam beta1 (default 0.5; wgan-gp: 0)")
+    beta2: float | None = option(None, "Adam beta2 (default 0.999; wgan-gp: 0.9)")
+    batch_size: int = option(64, "frames per step and process")
+    steps: int | None = option(None, "generator updates (default 5000, or from --epochs)")
+    epochs: float | None = option(None, "passes over the training frames (instead of --steps)")
+    seed: int = option(0, "seeds weights, noise, frame order and the fixed sample batch")
+    # data
+    holdout: float | None = option(
+        None, "hold out episodes with storage.is_holdout at this fraction (default: the file's)"
+    )
+    max_memory_frames: int = option(500_000, "stream the file in chunks above this many frames")
+    # hardware
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    amp: Literal["auto", "bf16", "fp16", "off"] = option(
+        "auto", "mixed precision: auto (bf16 on CUDA), bf16, fp16 or off"
+    )
+    channels_last: bool = option(True, "NHWC memory layout on CUDA (faster convolutions)")
+    compile: bool = option(False, "torch.compile both networks (slow start, faster steps)")
+    # EMA generator, used for samples and export
+    ema_decay: float = option(0.999, "EMA generator decay, warmed up as min(d, (1+t)/(10+t))")
+    # collapse monitor (carsynth.monitor)
+    monitor_interval: int = option(0, "steps between collapse checks (NDB + collapse; 0: off)")
+    monitor_samples: int = option(500, "EMA samples per collapse check")
+    monitor_k: int = option(20, "NDB bins of the monitor")
+    stop_on_collapse: bool = option(False, "end the run when the collapse check fails")
+    # bookkeeping
+    log_interval: int = option(50, "steps between metrics rows (and the only host syncs)")
+    sample_interval: int = option(500, "steps between sample grids")
+    checkpoint_interval: int = option(1000, "steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = option(3, "how many recent checkpoints to keep")
+    resume: bool = option(False, "continue the run in --out from its latest checkpoint")
+    overwrite: bool = option(False, "replace an existing run directory")
+    progress: bool = option(True, "tqdm progress bar")
+
+    @property
+    def adam(self) -> tuple[float, float, float]:
+        """Adam's (lr, beta1, beta2): those given, else the loss's (``ADAM``)."""
+        given = (self.lr, self.beta1, self.beta2)
+        return tuple(  # type: ignore[return-value]
+            float(v if v is not None else d) for v, d in zip(given, ADAM[self.loss], strict=True)
+        )
+
+    @property
+    def critic_updates(self) -> int:
+        """D updates per G update: ``critic_steps``, else the loss's default."""
+        return self.critic_steps or CRITIC_STEPS[self.loss]
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting with the loss-dependent defaults filled in: what config.json records."""
+        values = dataclasses.asdict(self)
+        values["lr"], values["beta1"], values["beta2"] = self.adam
+        return values
+
+
+# Settings that may change when a run is resumed (the budget, and bookkeeping that does not touch
+# the weights); every other one must match config.json. ``data`` and ``out`` are compared as
+# files: the data by its fingerprint, the run directory by its resolved path.
+RESUMABLE = {
+    "steps", "epochs", "resume", "overwrite", "progress", "device", "max_memory_frames",
+    "log_interval", "sample_interval", "checkpoint_interval", "keep_checkpoints",
+    "monitor_interval", "monitor_samples", "monitor_k", "stop_on_collapse", "data", "out",
+}  # fmt: skip
+
+
+def _positive(c: TrainConfig) -> None:
+    positive = {
+        "--nz": c.nz, "--ngf": c.ngf, "--ndf": c.ndf, "--batch-size": c.batch_size,
+        "--log-interval": c.log_interval, "--sample-interval": c.sample_interval,
+        "--checkpoint-interval": c.checkpoint_interval, "--keep-checkpoints": c.keep_checkpoints,
+        "--max-memory-frames": c.max_memory_frames,
+    }  # fmt: skip
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if c.steps is not None and c.epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    if c.steps is not None and c.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {c.steps}")
+    if c.epochs is not None and not c.epochs > 0:
+        raise UsageError(f"--epochs must be > 0, got {c.epochs}")
+
+
+def _objective(c: TrainConfig) -> None:
+    if c.loss not in LOSSES:
+        raise UsageError(f"--loss must be bce or wgan-gp, got {c.loss!r}")
+    if c.fm_layer not in FEATURE_LAYERS:
+        raise UsageError(f"--fm-layer must be one of {FEATURE_LAYERS}, got {c.fm_layer}")
+    if c.minibatch_kernels < 0 or c.minibatch_kernel_dim < 1:
+        raise UsageError("--minibatch-kernels must be >= 0 and --minibatch-kernel-dim >= 1")
+    if not 0.0 < c.real_label <= 1.0:
+        raise UsageError(f"--real-label must be in (0, 1], got {c.real_label}")
+    if c.critic_steps is not None and c.critic_steps < 1:
+        raise UsageError(f"--critic-steps must be >= 1, got {c.critic_steps}")
+    if c.unrolled_steps < 0:
+        raise UsageError(f"--unrolled-steps must be >= 0, got {c.unrolled_steps}")
+    if c.unrolled_steps and c.loss != "bce":
+        raise UsageError(
+            "--unrolled-steps works with --loss bce only (Metz et al. unroll the GAN loss)"
+        )
+    for flag, value in (("--gp-weight", c.gp_weight), ("--historical-weight",
+                        c.historical_weight), ("--adv-weight", c.adv_weight)):  # fmt: skip
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value}")
+    lr, beta1, beta2 = c.adam
+    if lr <= 0 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise UsageError("--lr must be > 0 and --beta1/--beta2 in [0, 1)")
+    if not 0.0 <= c.ema_decay < 1.0:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
+
+
+def _bookkeeping(c: TrainConfig) -> None:
+    if c.holdout is not None and not 0.0 <= c.holdout < 1.0:
+        raise UsageError(f"--holdout must be in [0, 1), got {c.holdout}")
+    if c.monitor_interval < 0 or c.monitor_interval % c.log_interval:
+        raise UsageError(
+            f"--monitor-interval must be a multiple of --log-interval {c.log_interval} (or 0), "
+            f"got {c.monitor_interval}"
+        )
+    if c.monitor_interval and (c.monitor_samples < 2 or c.monitor_k < 2):
+        raise UsageError("--monitor-samples and --monitor-k must be >= 2")
+    if c.stop_on_collapse and not c.monitor_interval:
+        raise UsageError("--stop-on-collapse needs --monitor-interval")
+    if c.amp not in AMP:
+        raise UsageError(f"--amp must be auto, bf16, fp16 or off, got {c.amp!r}")
+
+
+def check_config(c: TrainConfig) -> None:
+    """UsageError naming the flag for any setting out of range (nothing is written before)."""
+    _positive(c)
+    _objective(c)
+    _bookkeeping(c)
+
+
+def resume_differences(saved: dict[str, Any], mine: TrainConfig) -> list[str]:
+    """The settings of ``mine`` that differ from a run's recorded ones and may not change on
+    ``--resume`` (a setting missing from an older config.json had its default value then)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    values = mine.resolved()
+    return sorted(
+        k for k in values if k not in RESUMABLE and saved.get(k, defaults[k]) != values[k]
+    )
