@@ -31,11 +31,12 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from carsynth import storage
+from carsynth.files import atomic_write
 from carsynth.metrics.ndb import NDBBins
 from carsynth.metrics.neighbours import neighbour_space
 from carsynth.metrics.null import bin_sample
-from carsynth.storage import atomic_write
-from carsynth.validation.gate import TESTS, GateSettings, RealReference
+from carsynth.validation import ValidationConfig
+from carsynth.validation.gate import TESTS, RealReference
 
 
 def read_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,8 +145,8 @@ def main() -> None:
             fail = f.read("all")
     bins = NDBBins.fit(train, args.k, args.seed)
     space = neighbour_space(train, seed=args.seed)
-    reference = RealReference(train, train_ep, holdout, holdout_ep, bins, space, GateSettings(),
-                              args.seed)  # fmt: skip
+    config = ValidationConfig(k=args.k, seed=args.seed)
+    reference = RealReference(train, train_ep, holdout, holdout_ep, bins, space, config)
     print(f"fitted in {time.perf_counter() - start:.0f} s; minimum size {reference.min_frames}")
     rng = np.random.default_rng(args.seed)
     rows: list[dict] = []
@@ -168,7 +169,7 @@ def main() -> None:
         "real": str(args.real), "new": str(args.new), "fail": str(args.fail),
         "train_frames": len(train), "train_episodes": len(np.unique(train_ep)),
         "holdout_episodes": len(np.unique(holdout_ep)), "new_episodes": len(np.unique(new_ep)),
-        "min_frames": reference.min_frames, "level": reference.settings.level,
+        "min_frames": reference.min_frames, "level": reference.config.level,
         "design_effect": float(bin_sample(reference.train_counts).deff), "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip

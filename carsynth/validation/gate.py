@@ -1,32 +1,38 @@
 """The calibrated gate: four tests of generated frames against real episodes, one verdict.
 
 Each test compares a statistic of the generated frames with the same statistic of real frames
-and judges the difference against a null distribution estimated by resampling whole real
-episodes at the generated set's own size (:mod:`carsynth.metrics.null`):
+and judges it against a null distribution from resampled real episodes at the generated set's
+own size (:mod:`carsynth.metrics.null`; consecutive frames of an episode are near duplicates,
+so the episode, not the frame, is the unit of evidence):
 
-1. ``ndb``: K-means bins on the training frames (Richardson & Weiss 2018); per bin
-   z_b = (q_b - p_b) / sqrt(V_b + p_b (1 - p_b) / n) with V_b the episode-cluster-robust
-   variance of the training share p_b (the generated side's variance is cluster-robust too when
-   it is a real file with an episode table). Statistic: mean over bins of z_b^2 (about 1 when
-   the histograms agree); fails when large.
+1. ``ndb``: K-means bins on the training frames (Richardson & Weiss 2018). Per bin, their
+   pooled two-proportion z-test with each sample size N replaced by its effective size N / D,
+   D the training set's design effect (Kish 1965) from episode-cluster-robust variances of the
+   bin shares (Liang & Zeger 1986; Cameron & Miller 2015); D = 1 for independent generated
+   frames, its own D for a real file judged as generated. Statistic: mean over bins of z^2
+   (about 1 when the histograms agree); null: cluster bootstrap of the training episodes
+   against n frames drawn from the training shares; fails when large.
 2. ``sharpness``: log ratio of the median per-frame sharpness (mean absolute neighbour-pixel
-   difference), generated over real; fails in either direction (noise, blur, dimming).
-3. ``collapse``: log ratio of the median nearest-other-frame distance, generated over real frames
-   drawn across episodes; fails in either direction (repeats, or frames spread wider than real).
-4. ``copying``: share of generated frames nearer to a training frame than the 5% quantile of new
-   real frames' distances; fails when large.
+   difference), generated over real; null from resampled real episodes; fails in either
+   direction (noise, blur, dimming).
+3. ``collapse``: log ratio of the median nearest-other-frame distance within G generated frames
+   and within one frame of each of the G real episodes (both independent draws under the
+   null); exact permutation null; fails in either direction (repeats, or spread like noise).
+4. ``copying``: share of generated frames nearer to a training frame than the 5% quantile of
+   new real frames' distances (held-out frames, and training frames with their own episode left
+   out); null from resampled real episodes; fails when large.
 
 The gate's level is split evenly (Bonferroni): each test runs at ``level / 4``, so a perfect
 generator is refused with probability at most ``level``. Below the size at which the NDB test
-tells a perfect generator from one that drops a third of the bins (power 0.9), the gate refuses
-to decide. Density and coverage (Naeem et al. 2020) are reported beside the tests, with the
-held-out real frames' values, but do not decide.
+rejects a generator that drops a third of the bins with probability ``power``, the gate
+refuses to decide. Density and coverage (Naeem et al. 2020) are reported with the held-out
+real frames' values, but do not decide.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,22 +60,12 @@ from carsynth.metrics.null import (
     min_frames,
 )
 from carsynth.metrics.prdc import DensityCoverage, density_coverage
+
+if TYPE_CHECKING:
+    from carsynth.validation.checks import ValidationConfig
 from carsynth.metrics.sharpness import sharpness
 
 TESTS = ("ndb", "sharpness", "collapse", "copying")
-
-
-@dataclass
-class GateSettings:
-    """The gate's statistical settings (``validate`` exposes each as a flag)."""
-
-    level: float = 0.05  # the gate's false-reject rate for a perfect generator
-    reps: int = 500  # null replicates per test
-    bin_alpha: float = 0.05  # NDB/K: a bin counts as different below this two-sided p-value
-    power: float = 0.9  # refuse sizes with less power than this against dropping a third of bins
-    reference_frames: int = 5000  # real frames (across episodes) the neighbour tests sample
-    copy_quantile: float = 0.05  # copying: nearer than this quantile of new real frames
-    density_k: int = 5  # density and coverage: k-th neighbour radius
 
 
 @dataclass
@@ -82,6 +78,7 @@ class NDBTest:
     train_shares: np.ndarray = field(repr=False)
     fake_shares: np.ndarray = field(repr=False)
     holdout: BinStats  # real-vs-real: held-out episodes against training
+    holdout_shares: np.ndarray = field(repr=False)
     design_effect: float  # pooled over bins (the one the test uses)
     design_effect_median: float  # per-bin ratios' median (reported)
     min_frames: int | None
@@ -143,12 +140,26 @@ class GateResult:
     def passed(self) -> bool:
         return not self.failures
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tests": {
+                "ndb": self.ndb.to_dict(),
+                "sharpness": self.sharpness.to_dict(),
+                "collapse": self.collapse.to_dict(),
+                "copying": self.copying.to_dict(),
+            },
+            "density_coverage": {
+                "generated": self.density_coverage.to_dict(),
+                "held_out_real": self.density_coverage_real.to_dict(),
+            },
+        }
+
 
 def _ndb_test(
     train_counts: np.ndarray,
     holdout_counts: np.ndarray,
     fake: tuple[np.ndarray, np.ndarray | None],
-    settings: GateSettings,
+    config: ValidationConfig,
     level: float,
     rng: np.random.Generator,
     min_n: int | None,
@@ -158,10 +169,10 @@ def _ndb_test(
     fake_labels, fake_episodes = fake
     gen = bin_sample(episode_counts(fake_labels, fake_episodes, k))
     gen_episodes = None if fake_episodes is None else len(np.unique(fake_episodes))
-    stats = bin_stats(train, gen, settings.bin_alpha)
-    null = bin_null(train_counts, len(fake_labels), settings.reps, rng, settings.bin_alpha,
+    stats = bin_stats(train, gen, config.alpha)
+    null = bin_null(train_counts, len(fake_labels), config.reps, rng, config.alpha,
                     gen_episodes)  # fmt: skip
-    hold = bin_stats(train, bin_sample(holdout_counts), settings.bin_alpha)
+    hold = bin_stats(train, bin_sample(holdout_counts), config.alpha)
     return NDBTest(
         test=NullTest("ndb", float(stats.mean_z2), null.mean_z2, level, "greater"),
         stats=stats,
@@ -169,6 +180,7 @@ def _ndb_test(
         train_shares=train.shares,
         fake_shares=gen.shares,
         holdout=hold,
+        holdout_shares=bin_sample(holdout_counts).shares,
         design_effect=float(train.deff),
         design_effect_median=float(np.median(design_effects(train_counts))),
         min_frames=min_n,
@@ -191,22 +203,22 @@ class RealReference:
         holdout_episodes: np.ndarray,
         bins: NDBBins,
         space: Space,
-        settings: GateSettings | None = None,
-        seed: int = 0,
+        config: ValidationConfig,
     ) -> None:
-        self.settings = settings = settings or GateSettings()
-        self.level = settings.level / len(TESTS)
-        self.bins, self.space, self.seed = bins, space, seed
+        self.config = config
+        self.level = config.level / len(TESTS)
+        self.bins, self.space, self.seed = bins, space, config.seed
+        seed = config.seed
         rng = np.random.default_rng(seed)
         train_episodes = np.asarray(train_episodes)
         hold_ep = 1 + int(train_episodes.max()) + np.asarray(holdout_episodes)
         self.train_counts = episode_counts(bins.assign(train), train_episodes, bins.k)
         self.holdout_counts = episode_counts(bins.assign(holdout), hold_ep, bins.k)
-        self.min_frames = min_frames(self.train_counts, self.level, settings.power, seed=seed)
+        self.min_frames = min_frames(self.train_counts, self.level, config.power, seed=seed)
         real_ep = np.concatenate([train_episodes, hold_ep])
         self.real_episodes = real_ep
         self.sharpness = np.concatenate([sharpness(train), sharpness(holdout)])
-        size = min(settings.reference_frames, len(real_ep))
+        size = min(config.reference_frames, len(real_ep))
         pick = np.sort(rng.choice(len(real_ep), size, replace=False))
         in_train = pick < len(train)
         ref_v = torch.cat([space.transform(train[pick[in_train]]),
@@ -227,7 +239,7 @@ class RealReference:
                     else f"at least {self.min_frames} generated frames")  # fmt: skip
             raise UsageError(
                 f"the gate needs {need} to tell a perfect generator from one that drops a third "
-                f"of the modes (power {self.settings.power:g} at level {self.level:.3g}); "
+                f"of the modes (power {self.config.power:g} at level {self.level:.3g}); "
                 f"got {n}"
             )
 
@@ -236,11 +248,11 @@ class RealReference:
         their episode ids when they are real episodes, ``None`` for independent frames).
         Raises :class:`UsageError` below the minimum size (see the module docstring)."""
         self.check_size(len(fake))
-        settings, level, seed = self.settings, self.level, self.seed
+        config, level, seed = self.config, self.level, self.seed
         rng = np.random.default_rng(seed + 1)
         gen_episodes = None if fake_episodes is None else len(np.unique(fake_episodes))
         ndb = _ndb_test(self.train_counts, self.holdout_counts,
-                        (self.bins.assign(fake), fake_episodes), settings, level, rng,
+                        (self.bins.assign(fake), fake_episodes), config, level, rng,
                         self.min_frames)  # fmt: skip
         kind = "log_median_ratio"
         sharp = NullTest(
@@ -251,7 +263,7 @@ class RealReference:
                 self.real_episodes,
                 len(fake),
                 kind,
-                settings.reps,
+                config.reps,
                 rng,
                 0.5,
                 gen_episodes,
@@ -261,15 +273,15 @@ class RealReference:
         )
         fake_v = self.space.transform(fake)
         collapse = collapse_test(fake_v, self.all_v, self.real_episodes, level=level,
-                                 reps=settings.reps, seed=seed,
+                                 reps=config.reps, seed=seed,
                                  fake_episodes=fake_episodes)  # fmt: skip
         copying = copy_test(fake_v, self.train_v, self.new_distances, self.ref_episodes,
-                            quantile=settings.copy_quantile, level=level, reps=settings.reps,
+                            quantile=config.copy_quantile, level=level, reps=config.reps,
                             seed=seed, gen_episodes=gen_episodes)  # fmt: skip
         size = min(len(fake), len(self.holdout_v), 5000)  # equal sizes: coverage grows with size
         fake_pick = torch.as_tensor(np.sort(rng.choice(len(fake), size, replace=False)))
         hold_pick = torch.as_tensor(np.sort(rng.choice(len(self.holdout_v), size, replace=False)))
-        k = settings.density_k
+        k = config.density_k
         return GateResult(
             ndb=ndb,
             sharpness=sharp,
