@@ -1,26 +1,23 @@
-"""Nearest-neighbour checks: do generated frames collapse onto each other, or copy training frames?
+"""Nearest-neighbour statistics: do generated frames collapse onto each other, or copy training
+frames? Distances are Euclidean in a neighbour space (below).
 
-Both checks judge generated frames against held-out real frames, which are what a perfect
-generator's samples look like: new draws from the data distribution that training never saw.
+The gate's tests (:func:`collapse_test`, :func:`copy_test`) are calibrated against real
+episodes: collapse is an exact permutation test between G generated frames and one frame of
+each of the G real episodes (both independent draws from the data under the null); copying
+compares generated frames' distances to the training set with new real frames' (held-out
+frames, and training frames with their own episode left out), against an episode-resampled
+null (:mod:`carsynth.metrics.null`).
 
-Collapse. Each generated frame's distance to its nearest *other* generated frame is compared with
-the same statistic for an equal number of held-out real frames (nearest-neighbour distances
-shrink as a set grows, so the sizes must match). A collapsed generator repeats itself, so its
-frames sit much closer together: the check fails when the median distance ratio (generated /
-held-out) falls below ``min_ratio``, or when more than ``max_duplicate_share`` of the generated
-frames are near-duplicates, i.e. strictly closer to another generated frame than all but
-``duplicate_quantile`` of the held-out frames are to theirs.
-
-Copying. Each generated frame's distance to its nearest training frame is compared with held-out
-frames' distance to the training set. The check fails when more than ``max_copy_share`` of the
-generated frames are closer to a training frame than all but ``copy_quantile`` of the held-out
-frames ever are (the quantile makes "ever" robust to one unlucky held-out frame).
+The trainer's collapse monitor uses :func:`collapse_check`: each generated frame's distance to
+its nearest *other* generated frame against the same for an equal number of held-out frames;
+it fails when the median ratio falls below ``min_ratio`` or more than ``max_duplicate_share``
+of the generated frames are nearer than the held-out ``duplicate_quantile``.
 
 Space. Distances are Euclidean between frames scaled to [0, 1]. ``"pixels"`` uses every pixel
 (exact, memory N x H*W*3 x 4 bytes); ``"pca"`` (the default for large sets) area-averages frames
 to ``resolution`` and keeps the top ``dims`` principal components of the training frames, which
-preserves the large distances the thresholds compare at a fraction of the cost. Both spaces
-reach the same decisions on the known-answer tests in ``tests/test_neighbours.py``.
+preserves the large distances the tests compare at a fraction of the cost. Both spaces reach
+the same decisions on the known-answer tests in ``tests/test_neighbours.py``.
 """
 
 from __future__ import annotations
@@ -123,54 +120,6 @@ class CollapseResult:
         }
 
 
-@dataclass
-class CopyResult:
-    """The copying check: distances to the nearest training frame, per generated/held-out frame."""
-
-    median_fake: float
-    median_real: float
-    ratio: float  # median_fake / median_real
-    copy_threshold: float
-    copy_share: float  # share of generated frames nearer to a training frame than the threshold
-    real_copy_share: float  # the same for the held-out frames (about copy_quantile)
-    max_copy_share: float
-    fake_distances: np.ndarray = field(repr=False)
-    real_distances: np.ndarray = field(repr=False)
-    nearest_train: np.ndarray = field(repr=False)  # index of each generated frame's neighbour
-
-    @property
-    def failures(self) -> list[str]:
-        if self.copy_share <= self.max_copy_share:
-            return []
-        return [
-            f"copying: {self.copy_share:.1%} of generated frames are nearer to a training frame "
-            f"than {self.copy_threshold:.3g} (held-out real {self.real_copy_share:.1%}, "
-            f"maximum {self.max_copy_share:.1%}; median distance {self.ratio:.2f}x held-out)"
-        ]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def closest_pairs(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (generated, training) of the ``count`` generated frames nearest to training."""
-        fake_index = np.argsort(self.fake_distances, kind="stable")[:count]
-        return fake_index, self.nearest_train[fake_index]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "median_fake": self.median_fake,
-            "median_real": self.median_real,
-            "ratio": self.ratio,
-            "copy_threshold": self.copy_threshold,
-            "copy_share": self.copy_share,
-            "real_copy_share": self.real_copy_share,
-            "max_copy_share": self.max_copy_share,
-            "failures": self.failures,
-        }
-
-
 def collapse_check(
     fake: np.ndarray,
     holdout: np.ndarray,
@@ -206,37 +155,6 @@ def collapse_check(
         max_duplicate_share=max_duplicate_share,
         fake_distances=d_fake,
         real_distances=d_real,
-    )
-
-
-def copy_check(
-    fake: np.ndarray,
-    holdout: np.ndarray,
-    train: np.ndarray,
-    space: Space,
-    *,
-    copy_quantile: float = 0.01,
-    max_copy_share: float = 0.05,
-) -> CopyResult:
-    """Generated and held-out frames' distances to their nearest training frame. See the module
-    docstring."""
-    fake, holdout = check_samples(fake, "fake"), check_samples(holdout, "holdout")
-    train = space.transform(check_samples(train, "train"))
-    d_fake, nearest_train = nearest(space.transform(fake), train)
-    d_real, _ = nearest(space.transform(holdout), train)
-    threshold = float(np.quantile(d_real, copy_quantile))
-    median_fake, median_real = float(np.median(d_fake)), float(np.median(d_real))
-    return CopyResult(
-        median_fake=median_fake,
-        median_real=median_real,
-        ratio=_ratio(median_fake, median_real),
-        copy_threshold=threshold,
-        copy_share=float(np.mean(d_fake < threshold)),
-        real_copy_share=float(np.mean(d_real < threshold)),
-        max_copy_share=max_copy_share,
-        fake_distances=d_fake,
-        real_distances=d_real,
-        nearest_train=nearest_train,
     )
 
 
