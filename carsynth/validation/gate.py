@@ -227,8 +227,8 @@ class RealReference:
         self.train_v = space.transform(train)
         self.new_distances = new_frame_distances(ref_v, self.ref_episodes, self.train_v,
                                                  train_episodes)  # fmt: skip
-        self.real_v = self.train_v[torch.as_tensor(rng.choice(len(train), min(len(train), 5000),
-                                                              replace=False))]  # fmt: skip
+        dc_rows = rng.choice(len(train), min(len(train), 5000), replace=False)
+        self.real_v = self.train_v[torch.as_tensor(dc_rows, device=self.train_v.device)]
         self.holdout_v = space.transform(holdout)
         self.all_v = torch.cat([self.train_v, self.holdout_v])
 
@@ -254,23 +254,11 @@ class RealReference:
         ndb = _ndb_test(self.train_counts, self.holdout_counts,
                         (self.bins.assign(fake), fake_episodes), config, level, rng,
                         self.min_frames)  # fmt: skip
-        kind = "log_median_ratio"
-        sharp = NullTest(
-            "sharpness",
-            frame_statistic(self.sharpness, sharpness(fake), kind, 0.5),
-            frame_null(
-                self.sharpness,
-                self.real_episodes,
-                len(fake),
-                kind,
-                config.reps,
-                rng,
-                0.5,
-                gen_episodes,
-            ),  # fmt: skip
-            level,
-            "two-sided",
-        )
+        kind, real = "log_median_ratio", self.sharpness
+        null = frame_null(real, self.real_episodes, len(fake), kind, config.reps, rng, 0.5,
+                          gen_episodes)  # fmt: skip
+        observed = frame_statistic(real, sharpness(fake), kind, 0.5)
+        sharp = NullTest("sharpness", observed, null, level, "two-sided")
         fake_v = self.space.transform(fake)
         collapse = collapse_test(fake_v, self.all_v, self.real_episodes, level=level,
                                  reps=config.reps, seed=seed,
