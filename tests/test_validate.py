@@ -135,7 +135,7 @@ def test_bad_arrays_and_settings_are_usage_errors(fixture_split, fixture_frames)
     # Settings that would switch a check off, or make it unable to reject, are refused.
     for flags, message in [
         ({"pca_dims": 0}, "--pca-dims must be at least 1, got 0"),
-        ({"nn_resolution": 0}, "--nn-resolution must be at least 1, got 0"),
+        ({"nn_resolution": 0}, "--nn-resolution must be at least 4, got 0"),
         ({"level": 1.5}, "--level must be in (0, 1)"),
         ({"copy_quantile": 0.0}, "--copy-quantile must be in (0, 1)"),
         ({"reps": 100}, "--reps must be at least 160, got 100"),  # p could never fall below level/4
