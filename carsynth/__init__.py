@@ -1,8 +1,10 @@
 """carsynth: validated synthetic CarRacing frames for world-model pretraining.
 
-The package follows the pipeline: ``storage`` (the HDF5 schema), ``envs`` (a fast CarRacing),
-``collect`` (rollouts into a frame file), ``models``/``losses``/``train`` (the DCGAN),
-``metrics`` (NDB and nearest-neighbour checks), ``export`` and ``data``. Submodules are imported
+The package follows the pipeline: ``envs`` (a fast CarRacing), ``collect`` (rollouts into a
+frame file), ``storage`` (the HDF5 schema and the split), ``models``/``losses``/``training`` (the
+DCGAN), ``rundir`` (a run directory), ``sampling``, ``metrics`` (NDB and nearest-neighbour
+checks), ``validation`` (the gate and its report), ``export`` and ``data``; docs/architecture.md
+draws it. Submodules are imported
 on demand so that ``import carsynth`` stays cheap (collection workers never load torch).
 """
 

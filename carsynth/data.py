@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from carsynth.errors import UsageError
+from carsynth.files import to_float
 from carsynth.storage import FrameFile, Split, open_frame_file
 
 # Chunk cache per open file. A reader of single frames in file order (a DataLoader without
@@ -152,7 +153,7 @@ class FrameDataset(Dataset):
             pixels = self._file(k).frames[row]
         except OSError as error:
             raise UsageError(f"{self.paths[k]}: cannot read frame {row} ({error})") from None
-        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div_(255)
+        image = to_float(torch.from_numpy(pixels), signed=False).contiguous()
         return image if self.transform is None else self.transform(image)
 
     def __getstate__(self) -> dict:

@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 from carsynth import files, rundir, sampling, storage
 from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
+from carsynth.flags import option, required
 from carsynth.rundir import (
     latest_checkpoint,
     load_generator,
     read_run_config,
     run_frames,
 )
-from carsynth.validate import (
+from carsynth.validation import (
     ValidationConfig,
     ValidationResult,
     check_report_dir,
@@ -47,17 +48,17 @@ WRITE_BLOCK = 4096
 class ExportConfig:
     """Settings of ``carsynth export``; each field is the flag of the same name."""
 
-    run: str  # the training run directory (``carsynth train --out``)
-    out: str  # the synthetic frame file to write
-    num: int = 50_000  # frames to sample
-    seed: int = 0  # sampling seed: frame i's latent depends only on (seed, i)
-    batch_size: int = 256  # generator batch while sampling
-    device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, mps or cpu
-    data: str | None = None  # the run's data file, when it moved (checked by its fingerprint)
-    report: str | None = None  # also write the validation report (JSON, figures) to this dir
-    force: bool = False  # write the file even when validation fails, recording the failure
-    overwrite: bool = False  # replace an existing output file
-    progress: bool = True  # tqdm bars while sampling and validating
+    run: str = required("training run directory (carsynth train --out)")
+    out: str = required("synthetic frame file to write (.h5)")
+    num: int = option(50_000, "frames to generate")
+    seed: int = option(0, "sampling seed: frame i's latent depends only on (SEED, i)")
+    batch_size: int = option(256, "generator batch while sampling")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    data: str | None = option(None, "the run's data file, if it moved (checked by fingerprint)")
+    report: str | None = option(None, "also write the validation report to DIR", metavar="DIR")
+    force: bool = option(False, "write the file even when validation fails, recording that")
+    overwrite: bool = option(False, "replace an existing output file or report")
+    progress: bool = option(True, "progress bars while sampling and validating")
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from carsynth import storage
+from carsynth import files, storage
 from carsynth.collect.frames import road_fraction_near_car
 
 
@@ -59,10 +59,6 @@ def _spread(f: storage.FrameFile, count: int) -> np.ndarray:
 
 def write_grid(path: str | os.PathLike, out: str | os.PathLike, count: int = 64) -> None:
     """Save a contact sheet of ``count`` frames sampled evenly across the file (PNG)."""
-    import torch
-    from torchvision.utils import save_image
-
     with storage.open_frame_file(path) as f:
         frames = f.frames[_spread(f, count)]
-    images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-    save_image(images, out, nrow=int(np.ceil(np.sqrt(len(images)))) or 1, padding=2)
+    files.write_grid(frames, out, columns=int(np.ceil(np.sqrt(len(frames)))) or 1)

@@ -23,6 +23,7 @@ from pathlib import Path
 from carsynth import files, storage
 from carsynth.collect.workers import CollectConfig, collect
 from carsynth.errors import UsageError
+from carsynth.flags import option, required
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,12 @@ PRESETS: dict[str, Preset] = {
 class PipelineConfig:
     """Settings of ``carsynth run``."""
 
-    out: str  # the pipeline directory
-    preset: str = "quick"  # a key of PRESETS
-    seed: int = 0  # seeds every step (collection seeds, training, sampling)
-    device: str = "auto"  # training and sampling device
-    force: bool = False  # export even when validation fails (recorded in the file)
-    progress: bool = True
+    out: str = required("pipeline directory (re-run to resume)")
+    preset: str = option("quick", "settings of all steps", choices=tuple(PRESETS))
+    seed: int = option(0, "seeds collection, training and sampling")
+    device: str = option("auto", "training and sampling device: auto, cuda, mps or cpu")
+    force: bool = option(False, "export even when validation fails (recorded in the file)")
+    progress: bool = option(True, "progress bars")
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _configs(config: PipelineConfig):
     """The config of each step, built from the preset; imports kept here so collect stays light."""
     from carsynth.export import ExportConfig
     from carsynth.training.config import TrainConfig
-    from carsynth.validate import ValidationConfig
+    from carsynth.validation import ValidationConfig
 
     if config.preset not in PRESETS:
         raise UsageError(f"--preset {config.preset}: expected one of {', '.join(PRESETS)}")

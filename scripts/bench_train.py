@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from carsynth import storage
 from carsynth.augment import diff_augment, parse_policy
 from carsynth.devices import resolve_device
+from carsynth.files import to_float
 from carsynth.models import Discriminator, Generator
 from carsynth.training import Networks, TrainConfig, make_objective, train
 from carsynth.training.steps import discriminator_step, generator_step
@@ -55,7 +56,7 @@ class H5Frames(Dataset):
         if self.h5 is None:
             self.h5 = h5py.File(self.path, "r")
         frame = torch.from_numpy(self.h5["frames"][int(self.rows[i])])
-        return frame.permute(2, 0, 1).float().div(127.5).sub(1)
+        return to_float(frame)
 
 
 def reference(args: argparse.Namespace, device: torch.device) -> float:

@@ -27,7 +27,7 @@ from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 
 from carsynth import storage
-from carsynth.validate import ValidationConfig, validate_files, validate_frames
+from carsynth.validation import ValidationConfig, validate_files, validate_frames
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "carracing_small.h5"
 EPISODE = 200

@@ -3,7 +3,7 @@
 Every variant is one :class:`carsynth.training.TrainConfig` that differs from the baseline only in
 its mitigation flags (network sizes, batch, generator steps, seed and data are shared). After
 training, ``--samples`` frames from each run's EMA generator (fixed latents, the same for every
-variant) are judged by :func:`carsynth.validate.validate_frames` against the run's own training
+variant) are judged by :func:`carsynth.validation.validate_frames` against the run's own training
 and held-out frames (:func:`carsynth.rundir.run_frames`): NDB/K and JS divergence (Richardson &
 Weiss 2018), the nearest-neighbour collapse ratio and near-duplicate share, the copying share,
 and the pass/fail verdict ``carsynth validate`` would give. Runs also carry the collapse monitor
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from carsynth import storage
+from carsynth import files
 from carsynth.errors import UsageError
 
 # Each variant's changes to the baseline TrainConfig. Sources: Radford et al. 2015 (bce),
@@ -134,15 +134,16 @@ def check(c: CompareConfig) -> None:
 
 def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     """Train (or resume) one run, validate its samples; its result row and the samples."""
+    from carsynth.devices import resolve_device
     from carsynth.rundir import load_generator, run_frames
     from carsynth.sampling import generate_frames
     from carsynth.training import train
-    from carsynth.validate import ValidationConfig, validate_frames
+    from carsynth.validation import ValidationConfig, validate_frames
 
     config = train_config(c, variant, seed)
     resume = (Path(config.out) / "config.json").is_file() and not c.overwrite
     run = train(replace(config, resume=resume, overwrite=c.overwrite))
-    device = "cuda" if c.device in ("auto", "cuda") and _has_cuda() else "cpu"
+    device = str(resolve_device(c.device, allow_mps=False))  # the validation metrics need float64
     fake = generate_frames(load_generator(run, device), c.sample_seed, 0, c.preset.samples,
                            device=device)  # fmt: skip
     result = validate_frames(
@@ -168,12 +169,6 @@ def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], 
         "monitor": [{k: r[k] for k in MONITOR_KEYS} for r in rows if "ndb" in r],
     }  # fmt: skip
     return row, fake
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -248,7 +243,7 @@ def plot_samples(
     fig.savefig(buffer, dpi=100, format="png")
     # A 256-colour palette keeps the figure small enough to commit (a third of the RGB size).
     image = Image.open(buffer).convert("RGB").quantize(256)
-    storage.atomic_write(path, lambda tmp: image.save(tmp, format="png", optimize=True))
+    files.atomic_write(path, lambda tmp: image.save(tmp, format="png", optimize=True))
 
 
 def compare(c: CompareConfig) -> list[dict[str, Any]]:
@@ -267,7 +262,7 @@ def compare(c: CompareConfig) -> list[dict[str, Any]]:
     record = {"config": asdict(c), "results": rows}
     for name, text in (("results.json", json.dumps(record, indent=2) + "\n"),
                        ("results.md", table + "\n")):  # fmt: skip
-        storage.atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
+        files.atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     plot_samples(grids, out / "samples.png")
     print(table)
     return rows

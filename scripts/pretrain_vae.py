@@ -44,9 +44,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from carsynth import storage
+from carsynth import files, storage
+from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
-from carsynth.vae import FRAME_SIZE, VAEConfig, train_vae
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the VAE lives beside this script
+from vae_eval import FRAME_SIZE, VAEConfig, train_vae  # noqa: E402
 
 ARMS = {
     "a": "small real",
@@ -57,7 +60,7 @@ ARMS = {
 
 @dataclass
 class ExperimentConfig:
-    """The experiment's settings; the VAE's own are in :class:`carsynth.vae.VAEConfig`."""
+    """The experiment's settings; the VAE's own are in :class:`vae_eval.VAEConfig`."""
 
     real: str
     """Real frame file: its train split supplies (a) and (c), its holdout split the evaluation."""
@@ -122,15 +125,6 @@ def read_frames(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray, np.nd
     return train, synthetic, held_out
 
 
-def check_device(device: str) -> None:
-    """Refuse a device this machine does not have before any data is read."""
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, NotImplementedError, AssertionError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"--device {device}: not usable here ({reason})") from None
-
-
 def training_sets(
     real_train: np.ndarray, synthetic: np.ndarray, small: int
 ) -> dict[str, tuple[np.ndarray, int, int]]:
@@ -168,7 +162,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_experiment(config: ExperimentConfig, progress: bool = True) -> dict:
     """Train every (arm, seed), evaluate on the held-out real frames; the JSON-ready result."""
-    check_device(config.vae.device)
+    resolve_device(config.vae.device)  # refuse a missing device before any data is read
     real_train, synthetic, held_out = read_frames(config)
     sets = training_sets(real_train, synthetic, config.small)
     largest = max(len(frames) for frames, _, _ in sets.values())
@@ -272,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )  # fmt: skip
     try:
-        out = storage.check_writable(config.out, config.overwrite)
-        table_path = storage.check_writable(out.with_suffix(".md"), config.overwrite)
+        out = files.check_writable(config.out, config.overwrite)
+        table_path = files.check_writable(out.with_suffix(".md"), config.overwrite)
         result = run_experiment(config, progress=not args.no_progress)
     except UsageError as error:
         print(f"pretrain_vae.py: error: {error}", file=sys.stderr)

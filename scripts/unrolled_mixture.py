@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from carsynth import losses, storage, unrolled
+from carsynth import files, losses, unrolled
 
 MODES, RADIUS, STD = 8, 2.0, 0.02  # the ring of Gaussians
 
@@ -177,7 +177,7 @@ def plot(samples: dict[tuple[int, int], torch.Tensor], path: Path) -> None:
         ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal", title=f"K = {k}, seed {seed}")
         ax.set_xticks([])
         ax.set_yticks([])
-    storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=72, format="png"))
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=72, format="png"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"config": asdict(c), "results": rows}
     for name, text in (("results.json", json.dumps(record, indent=2) + "\n"),
                        ("results.md", table + "\n")):  # fmt: skip
-        storage.atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
+        files.atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     plot(samples, out / "samples.png")
     print(table)
     return 0

@@ -216,13 +216,27 @@ def test_resume_refuses_foreign_or_different_files(tmp_path, fixture_file):
     assert copy.read_bytes() == fixture_file.read_bytes()
 
 
+def _cli_loads_torch(argv: list[str]) -> tuple[str, bool]:
+    """Run ``carsynth ARGV`` in a fresh interpreter: its exit code and whether torch was loaded."""
+    code = (
+        "import sys; from carsynth import cli\n"
+        f"try:\n    code = cli.main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(code, 'torch' in sys.modules, file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    code, loaded = result.stderr.split()[-2:]
+    return code, loaded == "True"
+
+
 def test_collect_command_does_not_load_torch(tmp_path):
     # Building every command's flags imported carsynth.train (torch): 0.8 GiB in the collector's
     # main process. Only the chosen command's flags are built now.
-    code = (
-        "import sys; from carsynth import cli; "
-        f"code = cli.main(['collect', '--out', {str(tmp_path / 'a.h5')!r}, '--episodes', '0']); "
-        "print(code, 'torch' in sys.modules)"
+    assert _cli_loads_torch(["collect", "--out", str(tmp_path / "a.h5"), "--episodes", "0"]) == (
+        "2",
+        False,
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.stdout.split() == ["2", "False"], result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_do_not_import_torch(flag):
+    assert _cli_loads_torch([flag]) == ("0", False)

@@ -16,7 +16,7 @@ from carsynth.export import ExportConfig, ExportRefused, export, regenerate
 from carsynth.rundir import load_generator
 from carsynth.sampling import generate_frames
 from carsynth.training import TrainConfig, train
-from carsynth.validate import ValidationConfig
+from carsynth.validation import ValidationConfig
 
 # Checks that anything passes: they test the writing path, not the generator (a 4-step GAN fails
 # the default checks, which is what the refusal tests rely on).

@@ -1,4 +1,4 @@
-"""The World Models VAE (carsynth/vae.py) and its experiment (scripts/pretrain_vae.py)."""
+"""The World Models VAE (scripts/vae_eval.py) and its experiment (scripts/pretrain_vae.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-from carsynth import storage, vae
+from carsynth import storage
+from carsynth.files import to_float
 
+vae = load_script("vae_eval")
 pretrain = load_script("pretrain_vae")
 dev_synthetic = load_script("make_dev_synthetic")
 
@@ -74,7 +76,7 @@ def test_shapes_and_ranges() -> None:
 def test_to_tensor_layout_and_scale() -> None:
     frames = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
     frames[0, 2, 5, 1] = 255
-    x = vae.to_tensor(frames)
+    x = to_float(frames, signed=False)
     assert x.shape == (1, 3, 64, 64) and x.dtype == torch.float32
     assert x[0, 1, 2, 5] == 1.0 and float(x.sum()) == 1.0
 
@@ -261,7 +263,7 @@ def _main(fixture_file: Path, synthetic_file: Path, out: Path, *extra: str) -> i
     [
         (["--small", "1400"], "arm (c) needs 2800 real train frames"),
         (["--synthetic-frames", "301"], "--synthetic-frames 301 but the file has 300"),
-        (["--device", "nonsense"], "--device nonsense: not usable here"),
+        (["--device", "nonsense"], "--device must be auto, cuda, mps or cpu, got 'nonsense'"),
         (["--epochs", "0"], "--epochs and --batch-size must be >= 1, got 0, 32"),
     ],
 )

@@ -12,7 +12,7 @@ from conftest import run_cli
 from carsynth import storage
 from carsynth.cli import main
 from carsynth.errors import UsageError
-from carsynth.validate import ValidationConfig, real_splits, validate_files, validate_frames
+from carsynth.validation import ValidationConfig, real_splits, validate_files, validate_frames
 
 FAST = {"k": 10, "kmeans_iters": 10, "pairs": 4, "ndb_fit_samples": 400, "pca_fit_samples": 400}
 
@@ -66,7 +66,7 @@ def test_bad_arrays_are_usage_errors(fixture_frames) -> None:
         validate_frames(train, holdout, train[:0], ValidationConfig(**FAST))
     with pytest.raises(UsageError, match="--space must be one of pixels, pca"):
         ValidationConfig(space="faiss")
-    with pytest.raises(UsageError, match="--device: 'gpu0' is not a torch device"):
+    with pytest.raises(UsageError, match="--device must be auto, cuda, mps or cpu, got 'gpu0'"):
         ValidationConfig(device="gpu0")
 
 
@@ -149,6 +149,6 @@ def test_validate_files_refuses_bad_inputs(tmp_path, fixture_file, fixture_frame
 
 def test_config_spaces_are_the_metrics_spaces() -> None:
     from carsynth.metrics import neighbours
-    from carsynth.validate import SPACES
+    from carsynth.validation.checks import SPACES
 
     assert SPACES == neighbours.SPACES

@@ -33,6 +33,7 @@ from carsynth import storage
 from carsynth.collect.frames import EnvSettings, FrameSettings, process_frame
 from carsynth.collect.policies import make_policy, policy_params
 from carsynth.errors import UsageError
+from carsynth.flags import option, required
 
 # Settings that must match for --resume to continue a file (and for shards to merge).
 RESUME_KEYS = (
@@ -41,30 +42,46 @@ RESUME_KEYS = (
 )  # fmt: skip
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` with 0 <= I < N, as used by ``--shard``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
 @dataclass
 class CollectConfig:
     """Every setting of ``carsynth collect`` (the CLI flags map one to one onto these fields)."""
 
-    out: str
-    episodes: int = 64  # episodes in the whole run (all shards together)
-    workers: int = 0  # worker processes; 0 means one per CPU core
-    policy: str = "pilot"  # random, brownian, pilot, or module:callable
-    policy_args: dict[str, str] = field(default_factory=dict)
-    seed: int = 0  # episode k uses env seed `seed + k`
-    size: int = 64  # stored frames are size x size
-    crop_hud: bool = False  # drop the 12 dashboard rows before resizing
-    skip_frames: int = 50  # env steps not recorded at the start (the zoom-in)
-    frame_skip: int = 1  # each action is repeated this many steps; one frame per action
-    env_id: str = "CarRacing-v3"
-    domain_randomize: bool = False
-    lap_complete_percent: float = 0.95
-    max_steps: int = 1000  # env steps per episode before truncation
-    renderer: str = "fast"  # "fast" (carsynth.envs, same frames) or "stock" gymnasium rendering
-    holdout: float = 0.1  # share of episodes marked holdout (decided by each episode's seed)
-    shard: tuple[int, int] = (0, 1)  # (I, N): collect the I-th of N disjoint seed blocks
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    out: str = required("output frame file (.h5)")
+    episodes: int = option(64, "episodes in the whole run (all shards together)")
+    workers: int = option(0, "worker processes (0: one per CPU core)")
+    policy: str = option("pilot", "random, brownian, pilot or module:callable")
+    policy_args: dict[str, str] = field(default_factory=dict)  # --policy-arg NAME=VALUE
+    seed: int = option(0, "episode k uses env seed SEED+k")
+    size: int = option(64, "stored frames are SIZE x SIZE")
+    crop_hud: bool = option(False, "drop the 12 dashboard rows before resizing")
+    skip_frames: int = option(50, "env steps not recorded at the start (the zoom-in)")
+    frame_skip: int = option(1, "each action is repeated this many steps; one frame per action")
+    env_id: str = option("CarRacing-v3", "gymnasium env id", flag="--env")
+    domain_randomize: bool = option(False, "CarRacing colour randomisation")
+    lap_complete_percent: float = option(0.95, "CarRacing's lap_complete_percent")
+    max_steps: int = option(1000, "env steps per episode before truncation")
+    renderer: str = option(
+        "fast", "fast (carsynth.envs, same frames) or stock gymnasium rendering",
+        choices=("fast", "stock"),
+    )  # fmt: skip
+    holdout: float = option(0.1, "share of holdout episodes (decided by each episode's seed)")
+    shard: tuple[int, int] = option(
+        (0, 1), "I/N: collect the I-th of N disjoint seed blocks", type=parse_shard, metavar="I/N"
+    )
+    resume: bool = option(False, "continue an interrupted file")
+    overwrite: bool = option(False, "replace an existing file")
+    progress: bool = option(True, "progress bar")
 
     @property
     def env_settings(self) -> EnvSettings:
@@ -81,17 +98,6 @@ class CollectConfig:
         """The episode numbers k this shard collects: the I-th of N contiguous blocks."""
         index, count = self.shard
         return range(index * self.episodes // count, (index + 1) * self.episodes // count)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` with 0 <= I < N, as used by ``--shard``."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text}: expected I/N, e.g. 0/4") from None
-    if count < 1 or not 0 <= index < count:
-        raise UsageError(f"--shard {text}: need 0 <= I < N")
-    return index, count
 
 
 def check_config(config: CollectConfig) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from carsynth.devices import resolve_device
+from carsynth.files import to_float
 
 # Rows per chunk: a 1024 x 50,000 float32 distance block is 200 MB, small enough for any device.
 CHUNK = 1024
@@ -62,7 +63,7 @@ class Space:
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         if t.ndim == 2:
             return t.float()
-        images = t.permute(0, 3, 1, 2).float().div_(255.0)
+        images = to_float(t, signed=False)
         if self.resolution is not None and self.resolution < images.shape[-1]:
             # Area averaging (not strided picking) keeps every pixel's contribution.
             images = F.adaptive_avg_pool2d(images, self.resolution)

@@ -10,10 +10,11 @@ config.json records the resolved values.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from carsynth.errors import UsageError
+from carsynth.flags import option, required
 
 FEATURE_LAYERS = (1, 2, 3, 4)  # carsynth.models.FEATURE_LAYERS, checked equal in the tests
 LOSSES = ("bce", "wgan-gp")
@@ -24,17 +25,12 @@ CRITIC_STEPS = {"bce": 1, "wgan-gp": 5}
 DEFAULT_STEPS = 5000
 
 
-def option(default: Any, help: str, **metadata: Any) -> Any:
-    """A config field with its help text (the CLI turns every field into a flag)."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclass
 class TrainConfig:
     """Every setting of a training run; all of them are recorded in ``config.json``."""
 
-    data: str = field(metadata={"help": "carsynth frame file to train on"})
-    out: str = field(metadata={"help": "run directory to create (or to continue with --resume)"})
+    data: str = required("carsynth frame file to train on")
+    out: str = required("run directory to create (or to continue with --resume)")
     # networks (Radford et al. 2015)
     nz: int = option(100, "latent size")
     ngf: int = option(64, "generator width (channels of its last hidden layer)")
@@ -88,7 +84,7 @@ class TrainConfig:
     # hardware
     device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
     amp: Literal["auto", "bf16", "fp16", "off"] = option(
-        "auto", "mixed precision: auto (bf16 on CUDA), bf16, fp16 or off", choices=AMP
+        "auto", "mixed precision: auto (bf16 on CUDA), bf16, fp16 or off"
     )
     channels_last: bool = option(True, "NHWC memory layout on CUDA (faster convolutions)")
     compile: bool = option(False, "torch.compile both networks (slow start, faster steps)")

@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carsynth.devices import resolve_device
+from carsynth.files import to_float
+
 FRAME_SIZE = 64
 
 
@@ -154,11 +157,6 @@ def vae_loss(
     return recon_term + kl_term, recon_term, kl_term
 
 
-def to_tensor(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 frames (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], on the frames' device."""
-    return frames.permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def _check_frames(frames: np.ndarray, name: str) -> None:
     if frames.dtype != np.uint8 or frames.shape[1:] != (FRAME_SIZE, FRAME_SIZE, 3):
         raise ValueError(
@@ -180,7 +178,7 @@ def reconstruction_mse(model: ConvVAE, frames: torch.Tensor, batch_size: int = 5
     model.eval()
     total = 0.0
     for start in range(0, len(frames), batch_size):
-        x = to_tensor(frames[start : start + batch_size])
+        x = to_float(frames[start : start + batch_size], signed=False)
         mu, _ = model.encode(x)
         total += float((model.decode(mu) - x).pow(2).sum())
     model.train(was_training)
@@ -235,7 +233,7 @@ def train_vae(frames_train: np.ndarray, frames_eval: np.ndarray, config: VAEConf
         raise ValueError(
             f"epochs and batch_size must be >= 1, got {config.epochs}, {config.batch_size}"
         )
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = ConvVAE(config.latent_dim).to(device)
@@ -252,7 +250,7 @@ def train_vae(frames_train: np.ndarray, frames_eval: np.ndarray, config: VAEConf
         order = torch.randperm(len(train), generator=generator).to(device)
         sums = torch.zeros(3, device=device)
         for start in range(0, len(train), config.batch_size):
-            x = to_tensor(train[order[start : start + config.batch_size]])
+            x = to_float(train[order[start : start + config.batch_size]], signed=False)
             logits, mu, logvar = model(x)
             loss, recon, kl = vae_loss(x, logits, mu, logvar, config.recon, config.kl_tolerance)
             optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""How validation results are shown: the summary table, report.json and the figures.
+"""The validation report: the summary table, report.json and the figures.
 
 Every file is written under a temporary name and renamed into place, so a report folder never
 holds half a file. Figures use matplotlib's object API (no pyplot global state, no display).
@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carsynth import storage
+from carsynth import files
 from carsynth.metrics.ndb import NDBResult
 from carsynth.metrics.neighbours import CollapseResult, CopyResult
 
 if TYPE_CHECKING:
-    from carsynth.validate import ValidationResult
+    from carsynth.validation.checks import ValidationResult
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """``data`` as indented JSON, atomically."""
-    storage.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    files.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _verdict(ok: bool) -> str:
@@ -65,7 +65,7 @@ def summary_table(result: ValidationResult) -> str:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    storage.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def plot_bins(ndb: NDBResult, baseline: NDBResult, path: Path) -> None:
@@ -116,11 +116,5 @@ def plot_distances(collapse: CollapseResult, copying: CopyResult, path: Path) ->
 
 def save_pairs(fake: np.ndarray, train: np.ndarray, path: Path, columns: int = 4) -> None:
     """A grid of (generated, nearest training frame) pairs side by side, nearest pairs first."""
-    import torch
-    from torchvision.utils import save_image
-
     pairs = np.stack([fake, train], axis=1).reshape(-1, *fake.shape[1:])
-    images = torch.from_numpy(pairs).permute(0, 3, 1, 2).float() / 255.0
-    storage.atomic_write(
-        path, lambda tmp: save_image(images, tmp, nrow=2 * columns, padding=2, format="png")
-    )
+    files.write_grid(pairs, path, columns=2 * columns)

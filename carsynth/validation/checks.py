@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from carsynth import storage
 from carsynth.errors import UsageError
+from carsynth.flags import option
 
 # The metrics (and torch) are imported where they are used: building the CLI parser reads
 # ValidationConfig, and `carsynth info` should not pay for importing torch.
@@ -36,45 +37,40 @@ if TYPE_CHECKING:
 SPACES = ("pixels", "pca")  # carsynth.metrics.neighbours.SPACES, checked equal in the tests
 
 
-def _option(default: Any, help: str) -> Any:
-    """A config field with its help text (the CLI turns every field into a flag)."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class ValidationConfig:
     """Every setting and threshold of ``validate``, with its default."""
 
-    k: int = _option(100, "NDB: K-means bins")
-    alpha: float = _option(0.05, "NDB: significance level of each bin's two-proportion z-test")
-    seed: int = _option(0, "seeds every subsample, K-means and PCA")
-    max_ndb_excess: float = _option(
+    k: int = option(100, "NDB: K-means bins")
+    alpha: float = option(0.05, "NDB: significance level of each bin's two-proportion z-test")
+    seed: int = option(0, "seeds every subsample, K-means and PCA")
+    max_ndb_excess: float = option(
         0.10, "fail when generated NDB/K exceeds the real-vs-real NDB/K by more than this"
     )
-    ndb_resolution: int = _option(32, "NDB: frames are area-averaged to this size for K-means")
-    ndb_fit_samples: int = _option(10_000, "NDB: at most this many training frames fit K-means")
-    kmeans_iters: int = _option(30, "NDB: at most this many Lloyd iterations")
-    space: str = _option("pca", "neighbour space: pca (default) or pixels (exact, slow)")
-    nn_resolution: int = _option(32, "pca space: frames are area-averaged to this size first")
-    pca_dims: int = _option(64, "pca space: principal components kept")
-    pca_fit_samples: int = _option(5000, "neighbour space: training frames it is fitted on")
-    min_collapse_ratio: float = _option(
+    ndb_resolution: int = option(32, "NDB: frames are area-averaged to this size for K-means")
+    ndb_fit_samples: int = option(10_000, "NDB: at most this many training frames fit K-means")
+    kmeans_iters: int = option(30, "NDB: at most this many Lloyd iterations")
+    space: str = option("pca", "neighbour space: pca (default) or pixels (exact, slow)")
+    nn_resolution: int = option(32, "pca space: frames are area-averaged to this size first")
+    pca_dims: int = option(64, "pca space: principal components kept")
+    pca_fit_samples: int = option(5000, "neighbour space: training frames it is fitted on")
+    min_collapse_ratio: float = option(
         0.5, "collapse: fail when median NN distance (generated / held-out) is below this"
     )
-    duplicate_quantile: float = _option(
+    duplicate_quantile: float = option(
         0.01, "collapse: near-duplicate = nearer than this quantile of held-out NN distances"
     )
-    max_duplicate_share: float = _option(
+    max_duplicate_share: float = option(
         0.05, "collapse: fail when a larger share of generated frames are near-duplicates"
     )
-    copy_quantile: float = _option(
+    copy_quantile: float = option(
         0.01, "copying: copy = nearer to training than this quantile of held-out frames are"
     )
-    max_copy_share: float = _option(
+    max_copy_share: float = option(
         0.05, "copying: fail when a larger share of generated frames are copies"
     )
-    pairs: int = _option(32, "report: closest generated/training pairs in the grid")
-    device: str | None = _option(None, "torch device (default: cuda when available, else cpu)")
+    pairs: int = option(32, "report: closest generated/training pairs in the grid")
+    device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
@@ -85,14 +81,9 @@ class ValidationConfig:
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1)")
         if self.device is not None:
-            import torch
+            from carsynth.devices import resolve_device
 
-            try:
-                kind = torch.device(self.device).type
-            except RuntimeError:
-                raise UsageError(f"--device: {self.device!r} is not a torch device") from None
-            if kind == "cuda" and not torch.cuda.is_available():
-                raise UsageError(f"--device {self.device}: no CUDA device here")
+            resolve_device(self.device)  # a UsageError naming --device, before any work
 
 
 @dataclass
@@ -149,7 +140,7 @@ class ValidationResult:
 
     def summary(self) -> str:
         """The table ``carsynth validate`` prints."""
-        from carsynth.metrics.report import summary_table
+        from carsynth.validation.report import summary_table
 
         return summary_table(self)
 
@@ -264,7 +255,7 @@ def write_report(
     (nearest-neighbour distance histograms with the thresholds) and ``closest_pairs.png`` (the
     generated frames nearest to a training frame, each beside that training frame).
     """
-    from carsynth.metrics import report
+    from carsynth.validation import report
 
     report_dir = check_report_dir(report_dir, overwrite)
     report_dir.mkdir(exist_ok=True)
