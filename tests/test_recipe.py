@@ -4,11 +4,13 @@ worked out by hand or by an independent computation."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
 from carsynth import augment, losses
@@ -167,3 +169,19 @@ def test_one_forward_over_both_batches_gives_the_same_update() -> None:
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_cli_flags_train_and_refuse(fixture_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    common = ["train", "--data", str(fixture_file), "--out", str(out), "--nz", "8", "--ngf", "8",
+              "--ndf", "8", "--batch-size", "16", "--steps", "2", "--fm", "--no-progress",
+              "--device", "cpu"]  # fmt: skip
+    bad = run_cli(*common, "--diffaugment", "color,blur")
+    assert bad.returncode == 2 and "--diffaugment" in bad.stderr and not out.exists()
+    done = run_cli(*common, "--diffaugment", "color,translation,cutout", "--spectral-norm",
+                   "--fm-moments", "2", "--lr-g", "1e-4", "--lr-d", "4e-4",
+                   "--ema-half-life", "1000")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["diffaugment"] == "color,translation,cutout" and saved["spectral_norm"]
+    assert (saved["lr_g"], saved["lr_d"], saved["fm_moments"]) == (1e-4, 4e-4, 2)
