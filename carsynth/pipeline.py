@@ -37,6 +37,12 @@ class Preset:
     validation: dict = field(default_factory=dict)
 
 
+# The training recipe of the quick and full presets: the feature-matching DCGAN of Salimans et al.
+# 2016 with DiffAugment on every discriminator input (Zhao et al. 2020) and a spectrally
+# normalised discriminator (Miyato et al. 2018). Chosen by scripts/compare_recipes.py on the quick
+# preset's data (README, "Recipes: what makes frames pass").
+RECIPE = dict(fm=True, diffaugment="color,translation,cutout", spectral_norm=True)
+
 PRESETS: dict[str, Preset] = {
     # Unit-test size: seconds on a laptop CPU. Checks the plumbing, not the pictures.
     "test": Preset(

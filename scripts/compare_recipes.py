@@ -1,7 +1,8 @@
 """Which training recipe makes frames that pass? Candidates on the same data, seeds and budget.
 
-Every recipe is the ``quick`` preset's training settings (:data:`carsynth.pipeline.PRESETS`)
-plus its own changes (:data:`RECIPES`); data, seeds, steps and batch are shared. Each run keeps a
+Every recipe is feature matching at the ``quick`` preset's network sizes and batch
+(:data:`carsynth.pipeline.PRESETS`) plus its own changes (:data:`RECIPES`); data, seeds, steps
+and batch are shared. Each run keeps a
 checkpoint every ``--eval-every`` steps, and the EMA generator of each checkpoint is judged, so
 one run gives both a row of the table (its last checkpoint) and a quality-versus-compute curve.
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from carsynth import files, storage
 from carsynth.errors import UsageError
 
 DA = "color,translation,cutout"  # DiffAugment's full policy (Zhao et al. 2020)
-# Each recipe's changes to the quick preset's training settings.
+# Each recipe's changes to plain feature matching at the preset's sizes.
 RECIPES: dict[str, dict[str, Any]] = {
     "fm": {},
     "fm+da": {"diffaugment": DA},
@@ -52,6 +52,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fm2+da+sn+ttur": {"diffaugment": DA, "fm_moments": 2, "spectral_norm": True, "lr_g": 1e-4,
                        "lr_d": 4e-4},
 }  # fmt: skip
+SIZES = ("nz", "ngf", "ndf", "batch_size")  # what a recipe takes from the preset
 QUANTILE = 0.95  # the fresh sets' percentile a recipe must stay under
 K = 100  # NDB bins, as carsynth validate
 MIN_SETS = 10  # fewer fresh sets give no usable 95th percentile
@@ -70,19 +71,20 @@ class CompareConfig:
     eval_every: int = 200  # steps between judged checkpoints
     samples: int = 3000  # generated frames judged per checkpoint (and frames per fresh set)
     sample_seed: int = 1234  # latents of the judged samples, the same for every run
-    preset: str = "quick"  # the carsynth.pipeline preset whose train settings are the base
+    preset: str = "quick"  # the carsynth.pipeline preset whose sizes and batch are used
+    judge_only: bool = False  # judge the checkpoints the runs have, train nothing
     progress: bool = False
 
 
 def train_config(c: CompareConfig, recipe: str, seed: int):
-    """The TrainConfig of one run: the preset's settings, the recipe's changes, the budget."""
+    """The TrainConfig of one run: the preset's sizes, --fm, the recipe's changes, the budget."""
     from carsynth.pipeline import PRESETS
     from carsynth.training import TrainConfig
 
-    settings = {**PRESETS[c.preset].train, **RECIPES[recipe]}
+    sizes = {k: v for k, v in PRESETS[c.preset].train.items() if k in SIZES}
+    settings = {**sizes, "fm": True, **RECIPES[recipe]}
     settings.update(steps=c.steps, checkpoint_interval=c.eval_every, sample_interval=c.eval_every,
                     keep_checkpoints=c.steps // c.eval_every + 1, log_interval=50)  # fmt: skip
-    settings.pop("epochs", None)
     out = Path(c.out) / "runs" / f"{recipe}_s{seed}"
     return TrainConfig(data=c.data, out=str(out), seed=seed, device="cpu", progress=c.progress,
                        **settings)  # fmt: skip
@@ -152,9 +154,9 @@ def run_one(c: CompareConfig, recipe: str, seed: int, judge: Judge) -> dict[str,
 
     config = train_config(c, recipe, seed)
     resume = (Path(config.out) / "config.json").is_file()
-    start = time.perf_counter()
-    run = train(replace(config, resume=resume))
-    seconds = time.perf_counter() - start
+    if c.judge_only and not resume:
+        raise UsageError(f"--judge-only: {config.out} has no run")
+    run = Path(config.out) if c.judge_only else train(replace(config, resume=resume))
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     curve = []
     kept = checkpoints(run)
@@ -164,8 +166,13 @@ def run_one(c: CompareConfig, recipe: str, seed: int, judge: Judge) -> dict[str,
         row = judge(fake, collapse=checkpoint == kept[-1])
         curve.append({"step": step, "images": step * config.batch_size, **row})
     images_per_s = float(np.median([m["images_per_s"] for m in metrics]))
+    # training seconds from the metrics rows (each row: its steps' images over its rate), so a
+    # resumed run counts only the time its steps took
+    steps = np.diff([0] + [m["step"] for m in metrics])
+    seconds = float(sum(n * config.batch_size / m["images_per_s"]
+                        for n, m in zip(steps, metrics, strict=True)))  # fmt: skip
     return {"recipe": recipe, "seed": seed, "changes": RECIPES[recipe], "run": str(run),
-            "train_seconds": seconds if not resume else None, "images_per_s": images_per_s,
+            "train_seconds": seconds, "images_per_s": images_per_s,
             **curve[-1], "curve": curve}  # fmt: skip
 
 
@@ -176,9 +183,9 @@ def markdown(rows: list[dict[str, Any]], nulls: dict[int, dict[str, Any]], sampl
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "(resumed)"
         lines.append(
-            f"| {r['recipe']} | {r['seed']} | {r['step']} | {secs} | {r['images_per_s']:.0f} "
+            f"| {r['recipe']} | {r['seed']} | {r['step']} | {r['train_seconds']:.0f} "
+            f"| {r['images_per_s']:.0f} "
             f"| {r['ndb']:.2f} | {r['js']:.3f} | {r['collapse_ratio']:.2f} "
             f"| {'pass' if r['passed'] else 'FAIL'} |"
         )
@@ -259,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between judgings")
     p.add_argument("--samples", type=int, default=d.samples, help="frames judged (and per set)")
     p.add_argument("--preset", default=d.preset, help="carsynth.pipeline preset of the base")
+    p.add_argument("--judge-only", action="store_true", help="judge existing checkpoints only")
     p.add_argument("--progress", action="store_true", help="training progress bars")
     args = p.parse_args(argv)
     return CompareConfig(**vars(args))

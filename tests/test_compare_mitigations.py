@@ -96,3 +96,17 @@ def test_bad_input_exit_2_nothing_written(
     assert cm.main(argv) == 2
     assert capsys.readouterr().err.startswith(f"compare_mitigations: error: {message}")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_gpu_preset_runs_the_pipeline_recipe() -> None:
+    from carsynth.pipeline import PRESETS, RECIPE
+
+    c = cm.parse_args(["--data", "real.h5", "--out", "cmp", "--preset", "gpu"])
+    assert c.variants == ["fm", "recipe"]
+    recipe = cm.train_config(c, "recipe", 0)
+    assert {k: getattr(recipe, k) for k in RECIPE} == RECIPE
+    assert {k: getattr(recipe, k) for k in RECIPE} == {
+        k: PRESETS["full"].train[k] for k in RECIPE
+    }  # fmt: skip
+    assert (recipe.ngf, recipe.batch_size) == (64, PRESETS["full"].train["batch_size"])
+    assert "recipe" not in cm.parse_args(["--data", "r.h5", "--out", "c"]).variants
