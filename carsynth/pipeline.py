@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(
         description="GPU-sized: 10,000 episodes (~9M frames, World Models scale), full DCGAN",
         collect=dict(episodes=10_000, max_steps=1000, workers=0),
-        train=dict(epochs=5, batch_size=256, ngf=64, ndf=64, fm=True),
+        train=dict(**RECIPE, epochs=5, batch_size=256, ngf=64, ndf=64),
         export=dict(num=500_000, batch_size=1024),
     ),
 }

@@ -90,7 +90,7 @@ PRESETS = {
                   variants=tuple(v for v in VARIANTS if v != "recipe")),
     # The full DCGAN-64 of Radford et al. 2015 for a real budget: plain feature matching against
     # the pipeline's recipe, at the full preset's batch and budget (README, "Recipes").
-    "gpu": Preset(steps=30_000, batch_size=128, ngf=64, ndf=64, nz=100, samples=10_000,
+    "gpu": Preset(steps=30_000, batch_size=256, ngf=64, ndf=64, nz=100, samples=10_000,
                   monitor_interval=2000, monitor_samples=2000, variants=("fm", "recipe")),
 }  # fmt: skip
 
