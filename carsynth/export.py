@@ -30,6 +30,7 @@ from carsynth.rundir import (
     latest_checkpoint,
     load_generator,
     read_run_config,
+    run_episode_ids,
     run_frames,
 )
 from carsynth.validation import (
@@ -136,9 +137,13 @@ def export(config: ExportConfig) -> ExportResult:
         device=device,
         progress=config.progress,
     )
-    train = run_frames(config.run, "train", config.data)
-    holdout = run_frames(config.run, "holdout", config.data)
-    result = validate_frames(train, holdout, frames, config.validation, progress=config.progress)
+    real = {
+        split: (run_frames(config.run, split, config.data),
+                run_episode_ids(config.run, split, config.data))
+        for split in ("train", "holdout")
+    }  # fmt: skip
+    result = validate_frames(*real["train"], *real["holdout"], frames, config.validation,
+                             progress=config.progress)  # fmt: skip
     if config.report:
         write_report(result, config.report, overwrite=config.overwrite)
     if not result.passed and not config.force:

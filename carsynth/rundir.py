@@ -157,3 +157,14 @@ def run_frames(
     seeds = read_run_config(run_dir)["data"]["holdout_seeds"]
     with storage.open_frame_file(data_path(run_dir, data)) as f:
         return f.read_ranges(f.split_ranges(seeds)[split])
+
+
+def run_episode_ids(
+    run_dir: str | os.PathLike,
+    split: Literal["train", "holdout"],
+    data: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """Each frame's episode number in :func:`run_frames`' order: int64 (N,)."""
+    seeds = read_run_config(run_dir)["data"]["holdout_seeds"]
+    with storage.open_frame_file(data_path(run_dir, data)) as f:
+        return storage.episode_ids(f.split_ranges(seeds)[split])

@@ -424,6 +424,14 @@ class FrameFile:
         self.close()
 
 
+def episode_ids(ranges: Ranges) -> np.ndarray:
+    """Each frame's episode number (0, 1, ... in range order) for frames read from ``ranges``
+    (:meth:`FrameFile.split_ranges`): int64 (N,). The validation treats episodes, not frames, as
+    the unit of evidence."""
+    lengths = [b - a for a, b in ranges]
+    return np.repeat(np.arange(len(ranges), dtype=np.int64), lengths)
+
+
 def open_frame_file(path: str | os.PathLike, cache_bytes: int | None = None) -> FrameFile:
     """Open and check a carsynth frame file; bad files raise :class:`UsageError` naming the path."""
     return FrameFile(path, cache_bytes)

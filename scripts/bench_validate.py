@@ -27,7 +27,7 @@ from sklearn.cluster import KMeans
 from sklearn.neighbors import NearestNeighbors
 
 from carsynth import storage
-from carsynth.validation import ValidationConfig, validate_files, validate_frames
+from carsynth.validation import ValidationConfig, real_splits, validate_files, validate_frames
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "carracing_small.h5"
 EPISODE = 200
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=50_000, help="real frames (full run)")
     parser.add_argument("--fake", type=int, default=10_000, help="generated frames (full run)")
     parser.add_argument("--baseline-real", type=int, default=4_000, help="real frames (ratio)")
-    parser.add_argument("--baseline-fake", type=int, default=1_000, help="generated (ratio)")
+    parser.add_argument("--baseline-fake", type=int, default=2_000, help="generated (ratio)")
     parser.add_argument("--k", type=int, default=100, help="NDB bins")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
     parser.add_argument("--workdir", type=Path, help="keep the generated files here")
@@ -110,13 +110,15 @@ def main() -> None:
         rows.append(("carsynth validate (files)", args.real, args.fake, full))
 
         with storage.open_frame_file(real_path) as f:
-            train, holdout = f.read("train"), f.read("holdout")
+            train, train_ep, holdout, holdout_ep = real_splits(f)
         with storage.open_frame_file(fake_path) as f:
             fake = f.read("all", limit=args.baseline_fake)
         n_hold = max(2, len(holdout) * args.baseline_real // args.real)
-        train, holdout = train[: args.baseline_real - n_hold], holdout[:n_hold]
+        n_train = args.baseline_real - n_hold
+        train, train_ep = train[:n_train], train_ep[:n_train]
+        holdout, holdout_ep = holdout[:n_hold], holdout_ep[:n_hold]
         start = time.perf_counter()
-        validate_frames(train, holdout, fake, config)
+        validate_frames(train, train_ep, holdout, holdout_ep, fake, config)
         ours = time.perf_counter() - start
         start = time.perf_counter()
         plain_sklearn(train, holdout, fake, args.k)

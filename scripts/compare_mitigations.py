@@ -141,10 +141,9 @@ def check(c: CompareConfig) -> None:
 def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     """Train (or resume) one run, validate its samples; its result row and the samples."""
     from carsynth.devices import resolve_device
-    from carsynth.rundir import load_generator, run_frames
+    from carsynth.rundir import load_generator, run_episode_ids, run_frames
     from carsynth.sampling import generate_frames
     from carsynth.training import train
-    from carsynth.validation import ValidationConfig, validate_frames
 
     config = train_config(c, variant, seed)
     resume = (Path(config.out) / "config.json").is_file() and not c.overwrite
@@ -152,29 +151,54 @@ def run_one(c: CompareConfig, variant: str, seed: int) -> tuple[dict[str, Any], 
     device = str(resolve_device(c.device, allow_mps=False))  # the validation metrics need float64
     fake = generate_frames(load_generator(run, device), c.sample_seed, 0, c.preset.samples,
                            device=device)  # fmt: skip
-    result = validate_frames(
-        run_frames(run, "train"), run_frames(run, "holdout"), fake,
-        ValidationConfig(seed=seed, device=device),
-    )  # fmt: skip
+    real = [(run_frames(run, split), run_episode_ids(run, split)) for split in ("train", "holdout")]
+    scores = judge(real, fake, seed, device)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     row = {
         "variant": variant,
         "seed": seed,
         "run": str(run),
         "changes": VARIANTS[variant],
-        "ndb": result.ndb.score,
-        "ndb_real_baseline": result.ndb_baseline.score,
-        "js": result.ndb.js_divergence,
-        "collapse_ratio": result.collapse.ratio,
-        "duplicate_share": result.collapse.duplicate_share,
-        "copy_share": result.copying.copy_share,
-        "passed": result.passed,
-        "failures": result.failures,
+        **scores,
         # generator-step images/s, median over the run's log intervals (the box is shared)
         "images_per_s": float(np.median([r["images_per_s"] for r in rows])),
         "monitor": [{k: r[k] for k in MONITOR_KEYS} for r in rows if "ndb" in r],
     }  # fmt: skip
     return row, fake
+
+
+def judge(real: list, fake: np.ndarray, seed: int, device: str) -> dict[str, Any]:
+    """The comparison's scores (NDB/K and JS of Richardson & Weiss, the monitor's collapse ratio
+    and near-duplicate share, the share of generated frames nearer to training than 1% of
+    held-out frames) and the calibrated gate's verdict: ``passed`` is None, with the reason in
+    ``failures``, when the gate refuses to decide (too few samples for its power)."""
+    from carsynth.errors import UsageError
+    from carsynth.metrics import NDBBins, collapse_check, neighbour_space
+    from carsynth.metrics.features import nearest
+    from carsynth.validation import ValidationConfig, validate_frames
+
+    (train, train_ep), (holdout, holdout_ep) = real
+    bins = NDBBins.fit(train, 100, seed, device=device)
+    ndb, baseline = bins.compare(fake), bins.compare(holdout)
+    space = neighbour_space(train, seed=seed, device=device)
+    collapse = collapse_check(fake, holdout, space, seed=seed)
+    train_v = space.transform(train)
+    d_fake, d_real = (nearest(space.transform(x), train_v)[0] for x in (fake, holdout))
+    scores = {
+        "ndb": ndb.score, "ndb_real_baseline": baseline.score, "js": ndb.js_divergence,
+        "collapse_ratio": collapse.ratio, "duplicate_share": collapse.duplicate_share,
+        "copy_share": float(np.mean(d_fake < np.quantile(d_real, 0.01))),
+    }  # fmt: skip
+    try:
+        result = validate_frames(train, train_ep, holdout, holdout_ep, fake,
+                                 ValidationConfig(seed=seed, device=device))  # fmt: skip
+        return {**scores, "passed": result.passed, "failures": result.failures}
+    except UsageError as refused:
+        return {**scores, "passed": None, "failures": [str(refused)]}
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "pass", False: "FAIL", None: "refused"}[passed]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -189,7 +213,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['variant']} | {r['seed']} | {r['ndb']:.2f} | {r['js']:.3f} "
             f"| {r['collapse_ratio']:.2f} | {r['duplicate_share']:.1%} | {r['copy_share']:.1%} "
-            f"| {'pass' if r['passed'] else 'FAIL'} | {r['images_per_s']:.0f} |"
+            f"| {_verdict(r['passed'])} | {r['images_per_s']:.0f} |"
         )
     # The bins are fitted per seed, so the real-vs-real NDB/K (the limit's base) is per seed too.
     baselines = {r["seed"]: r["ndb_real_baseline"] for r in rows}
@@ -211,7 +235,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             mine = [r for r in rows if r["variant"] == variant]
             ndb, js = ([r[key] for r in mine] for key in ("ndb", "js"))
             collapse = np.mean([r["collapse_ratio"] for r in mine])
-            passed = sum(r["passed"] for r in mine)
+            passed = sum(r["passed"] is True for r in mine)
             lines.append(
                 f"| {variant} | {len(mine)} | {_spread(ndb, 2)} | {_spread(js, 3)} "
                 f"| {collapse:.2f} | {passed}/{len(mine)} |"

@@ -7,19 +7,15 @@ and ``carsynth export`` all call the same functions.
 from carsynth.metrics.ndb import NDBBins, NDBResult, ndb
 from carsynth.metrics.neighbours import (
     CollapseResult,
-    CopyResult,
     collapse_check,
-    copy_check,
     neighbour_space,
 )
 
 __all__ = [
     "CollapseResult",
-    "CopyResult",
     "NDBBins",
     "NDBResult",
     "collapse_check",
-    "copy_check",
     "ndb",
     "neighbour_space",
 ]

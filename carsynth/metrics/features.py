@@ -119,12 +119,17 @@ def squared_distances(
 
 
 def nearest(
-    query: torch.Tensor, ref: torch.Tensor, exclude_self: bool = False, chunk: int = CHUNK
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    exclude_self: bool = False,
+    chunk: int = CHUNK,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distance from each query row to its nearest ``ref`` row, and that row's index.
 
     ``exclude_self``: query and ref are the same set and a row may not be its own neighbour
-    (the nearest *other* sample).
+    (the nearest *other* sample). ``groups``: (query groups, ref groups), integer ids per row
+    (e.g. episodes); a row's neighbour must come from another group.
     """
     if exclude_self and len(ref) < 2:
         raise ValueError("the nearest other sample needs at least 2 samples")
@@ -135,6 +140,9 @@ def nearest(
         if exclude_self:
             rows = torch.arange(len(d), device=d.device)
             d[rows, rows + start] = math.inf
+        if groups is not None:
+            same = groups[0][start : start + chunk, None] == groups[1][None, :]
+            d.masked_fill_(same, math.inf)
         best, where = d.min(1)
         dists.append(best.sqrt())
         index.append(where)

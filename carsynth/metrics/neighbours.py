@@ -1,26 +1,23 @@
-"""Nearest-neighbour checks: do generated frames collapse onto each other, or copy training frames?
+"""Nearest-neighbour statistics: do generated frames collapse onto each other, or copy training
+frames? Distances are Euclidean in a neighbour space (below).
 
-Both checks judge generated frames against held-out real frames, which are what a perfect
-generator's samples look like: new draws from the data distribution that training never saw.
+The gate's tests (:func:`collapse_test`, :func:`copy_test`) are calibrated against real
+episodes: collapse is an exact permutation test between G generated frames and one frame of
+each of the G real episodes (both independent draws from the data under the null); copying
+compares generated frames' distances to the training set with new real frames' (held-out
+frames, and training frames with their own episode left out), against an episode-resampled
+null (:mod:`carsynth.metrics.null`).
 
-Collapse. Each generated frame's distance to its nearest *other* generated frame is compared with
-the same statistic for an equal number of held-out real frames (nearest-neighbour distances
-shrink as a set grows, so the sizes must match). A collapsed generator repeats itself, so its
-frames sit much closer together: the check fails when the median distance ratio (generated /
-held-out) falls below ``min_ratio``, or when more than ``max_duplicate_share`` of the generated
-frames are near-duplicates, i.e. strictly closer to another generated frame than all but
-``duplicate_quantile`` of the held-out frames are to theirs.
-
-Copying. Each generated frame's distance to its nearest training frame is compared with held-out
-frames' distance to the training set. The check fails when more than ``max_copy_share`` of the
-generated frames are closer to a training frame than all but ``copy_quantile`` of the held-out
-frames ever are (the quantile makes "ever" robust to one unlucky held-out frame).
+The trainer's collapse monitor uses :func:`collapse_check`: each generated frame's distance to
+its nearest *other* generated frame against the same for an equal number of held-out frames;
+it fails when the median ratio falls below ``min_ratio`` or more than ``max_duplicate_share``
+of the generated frames are nearer than the held-out ``duplicate_quantile``.
 
 Space. Distances are Euclidean between frames scaled to [0, 1]. ``"pixels"`` uses every pixel
 (exact, memory N x H*W*3 x 4 bytes); ``"pca"`` (the default for large sets) area-averages frames
 to ``resolution`` and keeps the top ``dims`` principal components of the training frames, which
-preserves the large distances the thresholds compare at a fraction of the cost. Both spaces
-reach the same decisions on the known-answer tests in ``tests/test_neighbours.py``.
+preserves the large distances the tests compare at a fraction of the cost. Both spaces reach
+the same decisions on the known-answer tests in ``tests/test_neighbours.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from carsynth.metrics.features import Space, check_samples, nearest
+from carsynth.metrics.features import Space, check_samples, nearest, squared_distances
+from carsynth.metrics.null import NullTest, frame_null, frame_statistic
 
 SPACES = ("pixels", "pca")
 
@@ -122,54 +120,6 @@ class CollapseResult:
         }
 
 
-@dataclass
-class CopyResult:
-    """The copying check: distances to the nearest training frame, per generated/held-out frame."""
-
-    median_fake: float
-    median_real: float
-    ratio: float  # median_fake / median_real
-    copy_threshold: float
-    copy_share: float  # share of generated frames nearer to a training frame than the threshold
-    real_copy_share: float  # the same for the held-out frames (about copy_quantile)
-    max_copy_share: float
-    fake_distances: np.ndarray = field(repr=False)
-    real_distances: np.ndarray = field(repr=False)
-    nearest_train: np.ndarray = field(repr=False)  # index of each generated frame's neighbour
-
-    @property
-    def failures(self) -> list[str]:
-        if self.copy_share <= self.max_copy_share:
-            return []
-        return [
-            f"copying: {self.copy_share:.1%} of generated frames are nearer to a training frame "
-            f"than {self.copy_threshold:.3g} (held-out real {self.real_copy_share:.1%}, "
-            f"maximum {self.max_copy_share:.1%}; median distance {self.ratio:.2f}x held-out)"
-        ]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def closest_pairs(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (generated, training) of the ``count`` generated frames nearest to training."""
-        fake_index = np.argsort(self.fake_distances, kind="stable")[:count]
-        return fake_index, self.nearest_train[fake_index]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "median_fake": self.median_fake,
-            "median_real": self.median_real,
-            "ratio": self.ratio,
-            "copy_threshold": self.copy_threshold,
-            "copy_share": self.copy_share,
-            "real_copy_share": self.real_copy_share,
-            "max_copy_share": self.max_copy_share,
-            "failures": self.failures,
-        }
-
-
 def collapse_check(
     fake: np.ndarray,
     holdout: np.ndarray,
@@ -208,31 +158,184 @@ def collapse_check(
     )
 
 
-def copy_check(
-    fake: np.ndarray,
-    holdout: np.ndarray,
-    train: np.ndarray,
-    space: Space,
+# --- calibrated tests: episode-respecting references and resampled nulls ---------------------
+
+
+def _median(x: np.ndarray) -> float:
+    return float(np.quantile(x, 0.5, method="inverted_cdf"))
+
+
+@dataclass
+class CollapseTest:
+    """Nearest-other-frame distances within ``num`` generated frames against ``num`` real
+    frames, one per episode, with a two-sided band from a permutation null."""
+
+    num: int  # frames per side: one per real episode
+    median_fake: float
+    median_real: float
+    test: NullTest  # log(median_fake / median_real)
+    fake_distances: np.ndarray = field(repr=False)
+    real_distances: np.ndarray = field(repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return float(np.exp(self.test.statistic))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num": self.num,
+            "median_fake": self.median_fake,
+            "median_real": self.median_real,
+            "ratio": self.ratio,
+            **self.test.to_dict(),
+        }
+
+
+def _log_median_nn(matrix: np.ndarray, rows: np.ndarray) -> tuple[float, np.ndarray]:
+    """log of the median nearest-other distance within ``rows`` of a distance ``matrix`` whose
+    diagonal is infinite, and the distances."""
+    d = matrix[rows][:, rows].min(1)
+    with np.errstate(divide="ignore"):
+        return float(np.log(_median(d))), d
+
+
+def collapse_test(
+    fake: torch.Tensor,
+    real: torch.Tensor,
+    real_episodes: np.ndarray,
     *,
-    copy_quantile: float = 0.01,
-    max_copy_share: float = 0.05,
-) -> CopyResult:
-    """Generated and held-out frames' distances to their nearest training frame. See the module
-    docstring."""
-    fake, holdout = check_samples(fake, "fake"), check_samples(holdout, "holdout")
-    train = space.transform(check_samples(train, "train"))
-    d_fake, nearest_train = nearest(space.transform(fake), train)
-    d_real, _ = nearest(space.transform(holdout), train)
-    threshold = float(np.quantile(d_real, copy_quantile))
-    median_fake, median_real = float(np.median(d_fake)), float(np.median(d_real))
-    return CopyResult(
-        median_fake=median_fake,
-        median_real=median_real,
-        ratio=_ratio(median_fake, median_real),
-        copy_threshold=threshold,
-        copy_share=float(np.mean(d_fake < threshold)),
-        real_copy_share=float(np.mean(d_real < threshold)),
-        max_copy_share=max_copy_share,
+    level: float = 0.05,
+    reps: int = 200,
+    seed: int = 0,
+    fake_episodes: np.ndarray | None = None,
+) -> CollapseTest:
+    """Collapse as an exact two-sided permutation test (neighbour-space rows in, result out).
+
+    One frame drawn at random from each of the G real episodes is an independent draw from the
+    data distribution, exactly what a perfect generator's frame is; so are G generated frames
+    drawn at random (one per episode, when ``fake_episodes`` says they are real episodes).
+    Under the null the 2G frames are exchangeable (Fisher's permutation test; Good 2005,
+    "Permutation, parametric and bootstrap tests of hypotheses"). Statistic: log(median
+    nearest-other distance within the generated set / the same within the real set); null:
+    the statistic for random splits of the pooled 2G frames into two sets of G. Small values
+    mean repeated frames (collapse), large ones frames spread wider than real data (noise).
+    (Real frames drawn freely across episodes would not do: n frames from G episodes cover
+    fewer places than n independent frames, so their distances come out larger.)
+    """
+    rng = np.random.default_rng(seed)
+
+    def one_per_episode(episodes: np.ndarray, count: int | None) -> np.ndarray:
+        _, group = np.unique(np.asarray(episodes), return_inverse=True)
+        order = rng.permutation(len(group))  # a random frame of each episode: its first here
+        first = order[np.unique(group[order], return_index=True)[1]]
+        return first if count is None else rng.choice(first, min(count, len(first)), False)
+
+    real_rows = one_per_episode(real_episodes, None)
+    if fake_episodes is None:
+        fake_rows = rng.choice(len(fake), min(len(real_rows), len(fake)), replace=False)
+    else:
+        fake_rows = one_per_episode(fake_episodes, len(real_rows))
+    num = min(len(real_rows), len(fake_rows))
+    if num < 3:
+        raise ValueError("the collapse test needs at least 3 real episodes and generated frames")
+    real_rows = real_rows[:num]
+    device = fake.device
+    fake_part = fake[torch.as_tensor(fake_rows[:num], device=device)]
+    real_part = real[torch.as_tensor(real_rows, device=real.device)].to(device)
+    pooled = torch.cat([fake_part, real_part])
+    matrix = squared_distances(pooled, pooled, pooled.square().sum(1)).sqrt_().cpu().numpy()
+    np.fill_diagonal(matrix, np.inf)
+    sides = np.arange(2 * num)
+    log_fake, d_fake = _log_median_nn(matrix, sides[:num])
+    log_real, d_real = _log_median_nn(matrix, sides[num:])
+    null = np.empty(reps)
+    for r in range(reps):
+        perm = rng.permutation(2 * num)
+        null[r] = _log_median_nn(matrix, perm[:num])[0] - _log_median_nn(matrix, perm[num:])[0]
+    return CollapseTest(
+        num=num,
+        median_fake=float(np.exp(log_fake)),
+        median_real=float(np.exp(log_real)),
+        test=NullTest("collapse", log_fake - log_real, null, level, "two-sided"),
+        fake_distances=d_fake,
+        real_distances=d_real,
+    )
+
+
+@dataclass
+class CopyTest:
+    """Distances to the nearest training frame: generated frames against real frames of other
+    episodes (held-out frames, and training frames with their own episode left out)."""
+
+    quantile: float
+    threshold: float  # the real distances' ``quantile``
+    median_fake: float
+    median_real: float
+    test: NullTest  # share of generated frames nearer than the threshold
+    fake_distances: np.ndarray = field(repr=False)
+    real_distances: np.ndarray = field(repr=False)
+    nearest_train: np.ndarray = field(repr=False)
+
+    def closest_pairs(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (generated, training) of the ``count`` generated frames nearest to training."""
+        fake_index = np.argsort(self.fake_distances, kind="stable")[:count]
+        return fake_index, self.nearest_train[fake_index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantile": self.quantile,
+            "threshold": self.threshold,
+            "median_fake": self.median_fake,
+            "median_real": self.median_real,
+            **self.test.to_dict(),
+        }
+
+
+def new_frame_distances(
+    ref: torch.Tensor, ref_episodes: np.ndarray, train: torch.Tensor, train_episodes: np.ndarray
+) -> np.ndarray:
+    """Each reference row's distance to the nearest training row of another episode: what a new
+    real frame's distance to the training set looks like (a training frame with its own episode
+    left out is a frame from a new episode; a held-out frame's episode is never in training)."""
+    device = train.device
+    groups = (
+        torch.as_tensor(np.asarray(ref_episodes), device=device),
+        torch.as_tensor(np.asarray(train_episodes), device=device),
+    )
+    return nearest(ref, train, groups=groups)[0]
+
+
+def copy_test(
+    fake: torch.Tensor,
+    train: torch.Tensor,
+    real_distances: np.ndarray,
+    ref_episodes: np.ndarray,
+    *,
+    quantile: float = 0.05,
+    level: float = 0.05,
+    reps: int = 200,
+    seed: int = 0,
+    gen_episodes: int | None = None,
+) -> CopyTest:
+    """Copying as a calibrated one-sided test (neighbour-space rows in, result out).
+
+    ``real_distances``: :func:`new_frame_distances` of reference rows from ``ref_episodes``.
+    Statistic: the share of generated rows nearer to a training row than the real distances'
+    ``quantile``; null: :func:`carsynth.metrics.null.frame_null` (reference episodes resampled,
+    ``len(fake)`` i.i.d. draws or ``gen_episodes`` whole episodes)."""
+    d_fake, nearest_train = nearest(fake, train)
+    d_real = real_distances
+    rng = np.random.default_rng(seed)
+    kind = "share_below"
+    null = frame_null(d_real, ref_episodes, len(fake), kind, reps, rng, quantile, gen_episodes)
+    return CopyTest(
+        quantile=quantile,
+        threshold=float(np.quantile(d_real, quantile, method="inverted_cdf")),
+        median_fake=_median(d_fake),
+        median_real=_median(d_real),
+        test=NullTest(
+            "copying", frame_statistic(d_real, d_fake, kind, quantile), null, level, "greater"
+        ),
         fake_distances=d_fake,
         real_distances=d_real,
         nearest_train=nearest_train,

@@ -1,20 +1,18 @@
-"""``carsynth validate``: do generated frames cover the real data without collapsing or copying?
+"""``carsynth validate``: are generated frames what new real episodes would look like?
 
-Three checks, each judged against held-out real frames (what a perfect generator would produce):
-
-1. NDB (Richardson & Weiss 2018): K-means bins on the training frames; the share of bins whose
-   generated proportion differs significantly from the training proportion. The same score for
-   the held-out real frames is the real-vs-real baseline; generated frames fail when their score
-   exceeds the baseline by more than ``max_ndb_excess``.
-2. Collapse: generated frames much nearer to each other than held-out real frames are.
-3. Copying: generated frames nearer to a training frame than held-out real frames ever are.
-
-See :mod:`carsynth.metrics.ndb` and :mod:`carsynth.metrics.neighbours` for the statistics.
+Four calibrated tests judge generated frames against the real file's episodes (see
+:mod:`carsynth.validation.gate`): NDB bin shares with episode-cluster-robust variance, sharpness
+(noise, blur, dimming), collapse (repeated frames) and copying (training frames), each against a
+null distribution from resampled real episodes at the generated set's own size, at level
+``level / 4`` (so a perfect generator fails at most ``level`` of the time). Density and
+coverage (Naeem et al. 2020) are reported beside them. Below the size at which the NDB test can
+tell a perfect generator from one that drops a third of the modes, validation refuses to decide.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,22 +29,25 @@ from carsynth.flags import option
 # The metrics (and torch) are imported where they are used: building the CLI parser reads
 # ValidationConfig, and `carsynth info` should not pay for importing torch.
 if TYPE_CHECKING:
-    from carsynth.metrics.ndb import NDBResult
-    from carsynth.metrics.neighbours import CollapseResult, CopyResult
+    from carsynth.validation.gate import GateResult
 
 SPACES = ("pixels", "pca")  # carsynth.metrics.neighbours.SPACES, checked equal in the tests
 
 
 @dataclass
 class ValidationConfig:
-    """Every setting and threshold of ``validate``, with its default."""
+    """Every setting of ``validate``, with its default."""
 
-    k: int = option(100, "NDB: K-means bins")
-    alpha: float = option(0.05, "NDB: significance level of each bin's two-proportion z-test")
-    seed: int = option(0, "seeds every subsample, K-means and PCA")
-    max_ndb_excess: float = option(
-        0.10, "fail when generated NDB/K exceeds the real-vs-real NDB/K by more than this"
+    level: float = option(
+        0.05, "the gate's false-reject rate for a perfect generator (each of 4 tests: level/4)"
     )
+    reps: int = option(500, "null replicates per test (at least 8/level)")
+    power: float = option(
+        0.9, "refuse fewer frames than give this power against dropping a third of the modes"
+    )
+    k: int = option(100, "NDB: K-means bins")
+    alpha: float = option(0.05, "NDB/K (reported): a bin differs below this two-sided p-value")
+    seed: int = option(0, "seeds every subsample, K-means, PCA and null replicate")
     ndb_resolution: int = option(32, "NDB: frames are area-averaged to this size for K-means")
     ndb_fit_samples: int = option(10_000, "NDB: at most this many training frames fit K-means")
     kmeans_iters: int = option(30, "NDB: at most this many Lloyd iterations")
@@ -54,32 +55,33 @@ class ValidationConfig:
     nn_resolution: int = option(32, "pca space: frames are area-averaged to this size first")
     pca_dims: int = option(64, "pca space: principal components kept")
     pca_fit_samples: int = option(5000, "neighbour space: training frames it is fitted on")
-    min_collapse_ratio: float = option(
-        0.5, "collapse: fail when median NN distance (generated / held-out) is below this"
-    )
-    duplicate_quantile: float = option(
-        0.01, "collapse: near-duplicate = nearer than this quantile of held-out NN distances"
-    )
-    max_duplicate_share: float = option(
-        0.05, "collapse: fail when a larger share of generated frames are near-duplicates"
+    reference_frames: int = option(
+        5000, "copying: real frames (across episodes) whose distance to training is the reference"
     )
     copy_quantile: float = option(
-        0.01, "copying: copy = nearer to training than this quantile of held-out frames are"
+        0.05, "copying: a copy is nearer to training than this quantile of new real frames"
     )
-    max_copy_share: float = option(
-        0.05, "copying: fail when a larger share of generated frames are copies"
-    )
+    density_k: int = option(5, "density and coverage (reported): k-th neighbour radius")
     pairs: int = option(32, "report: closest generated/training pairs in the grid")
     device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise UsageError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
-        if self.k < 2:
-            raise UsageError(f"--k must be at least 2, got {self.k}")
-        for name in ("alpha", "duplicate_quantile", "copy_quantile"):
+        for name in ("level", "power", "alpha", "copy_quantile"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1)")
+        minimum = {
+            "k": 2, "ndb_resolution": 1, "ndb_fit_samples": self.k, "kmeans_iters": 1,
+            "nn_resolution": 1, "pca_dims": 1, "pca_fit_samples": 2, "reference_frames": 2,
+            "density_k": 1, "pairs": 0, "reps": math.ceil(8 / self.level),
+        }  # fmt: skip
+        for name, least in minimum.items():
+            if getattr(self, name) < least:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be at least {least}, "
+                    f"got {getattr(self, name)}"
+                )
         if self.device is not None:
             from carsynth.devices import resolve_device
 
@@ -88,53 +90,37 @@ class ValidationConfig:
 
 @dataclass
 class ValidationResult:
-    """The three checks, the real-vs-real NDB baseline, and the closest generated/training pairs."""
+    """The gate's tests and reported measures, and the closest generated/training pairs."""
 
     config: ValidationConfig
     num_train: int
     num_holdout: int
     num_fake: int
-    ndb: NDBResult  # generated vs training
-    ndb_baseline: NDBResult  # held-out real vs training
-    collapse: CollapseResult
-    copying: CopyResult
+    gate: GateResult
     seconds: dict[str, float]
     closest_fake: np.ndarray = field(repr=False)  # uint8 (P, H, W, 3)
     closest_train: np.ndarray = field(repr=False)
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
-    def ndb_limit(self) -> float:
-        return self.ndb_baseline.score + self.config.max_ndb_excess
-
-    @property
     def failures(self) -> list[str]:
-        """One line per failed check: which check and by how much."""
-        out = []
-        if self.ndb.score > self.ndb_limit:
-            out.append(
-                f"ndb: {self.ndb.num_different_bins} of {self.ndb.k} bins differ (NDB/K "
-                f"{self.ndb.score:.3f}), above the real-vs-real {self.ndb_baseline.score:.3f} + "
-                f"{self.config.max_ndb_excess:.3f} = {self.ndb_limit:.3f}"
-            )
-        return out + self.collapse.failures + self.copying.failures
+        """One line per failed test: statistic, the real-data band and the p-value."""
+        return self.gate.failures
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able: verdict, failures, settings, counts, every score and the per-bin tables."""
+        """JSON-able: verdict, failures, settings, counts, each test's statistic, null quantiles
+        and p-value, density and coverage, per-bin tables."""
         return {
             "passed": self.passed,
             "failures": self.failures,
             "sources": self.sources,
             "config": dataclasses.asdict(self.config),
             "frames": {"train": self.num_train, "holdout": self.num_holdout, "fake": self.num_fake},
-            "ndb": {**self.ndb.to_dict(), "limit": self.ndb_limit},
-            "ndb_real_baseline": self.ndb_baseline.to_dict(),
-            "collapse": self.collapse.to_dict(),
-            "copying": self.copying.to_dict(),
+            **self.gate.to_dict(),
             "seconds": self.seconds,
         }
 
@@ -165,23 +151,32 @@ def _check_inputs(arrays: dict[str, np.ndarray], k: int) -> None:
 
 def validate_frames(
     train: np.ndarray,
+    train_episodes: np.ndarray,
     holdout: np.ndarray,
+    holdout_episodes: np.ndarray,
     fake: np.ndarray,
     config: ValidationConfig | None = None,
     progress: bool = False,
+    fake_episodes: np.ndarray | None = None,
 ) -> ValidationResult:
-    """Run NDB (with its real-vs-real baseline), the collapse and the copying check.
+    """Judge generated frames against real episodes with the calibrated gate.
 
-    ``train``/``holdout`` are real frames (training split and held-out split), ``fake`` generated
-    frames, all uint8 (N, H, W, 3) of one size. Bad input raises :class:`UsageError`.
+    ``train``/``holdout`` are real frames (training split and held-out split) with each frame's
+    episode id (``*_episodes``, int (N,)); ``fake`` generated frames, independent unless
+    ``fake_episodes`` gives theirs (a real file judged as if generated). All uint8
+    (N, H, W, 3) of one size. Bad input, or fewer generated frames than the gate can judge,
+    raises :class:`UsageError`.
     """
     from carsynth.metrics.ndb import NDBBins
-    from carsynth.metrics.neighbours import collapse_check, copy_check, neighbour_space
+    from carsynth.metrics.neighbours import neighbour_space
+    from carsynth.validation.gate import RealReference
 
     config = config or ValidationConfig()
     _check_inputs({"train": train, "holdout": holdout, "fake": fake}, config.k)
+    _check_episodes({"train": (train, train_episodes), "holdout": (holdout, holdout_episodes),
+                     "fake": (fake, fake_episodes)})  # fmt: skip
     seconds: dict[str, float] = {}
-    bar = tqdm(total=4, desc="validate", disable=not progress, leave=False)
+    bar = tqdm(total=3, desc="validate", disable=not progress, leave=False)
 
     def stage(name: str, start: float) -> float:
         now = time.perf_counter()
@@ -194,40 +189,40 @@ def validate_frames(
         train, config.k, config.seed, max_fit_samples=config.ndb_fit_samples,
         iters=config.kmeans_iters, resolution=config.ndb_resolution, device=config.device,
     )  # fmt: skip
-    t = stage("ndb_bins", t)
-    ndb_fake, ndb_baseline = bins.compare(fake, config.alpha), bins.compare(holdout, config.alpha)
-    t = stage("ndb_compare", t)
     space = neighbour_space(
         train, config.space, resolution=config.nn_resolution, dims=config.pca_dims,
         fit_samples=config.pca_fit_samples, seed=config.seed, device=config.device,
     )  # fmt: skip
-    collapse = collapse_check(
-        fake, holdout, space, min_ratio=config.min_collapse_ratio,
-        duplicate_quantile=config.duplicate_quantile,
-        max_duplicate_share=config.max_duplicate_share, seed=config.seed,
-    )  # fmt: skip
-    t = stage("collapse", t)
-    copying = copy_check(
-        fake, holdout, train, space, copy_quantile=config.copy_quantile,
-        max_copy_share=config.max_copy_share,
-    )  # fmt: skip
-    stage("copying", t)
+    t = stage("fit", t)
+    reference = RealReference(train, train_episodes, holdout, holdout_episodes, bins, space,
+                              config)  # fmt: skip
+    t = stage("reference", t)
+    gate = reference.judge(fake, fake_episodes)
+    stage("tests", t)
     bar.close()
-    fake_index, train_index = copying.closest_pairs(config.pairs)
+    fake_index, train_index = gate.copying.closest_pairs(config.pairs)
     seconds["total"] = round(sum(seconds.values()), 3)
     return ValidationResult(
         config=config,
         num_train=len(train),
         num_holdout=len(holdout),
         num_fake=len(fake),
-        ndb=ndb_fake,
-        ndb_baseline=ndb_baseline,
-        collapse=collapse,
-        copying=copying,
+        gate=gate,
         seconds=seconds,
         closest_fake=fake[fake_index],
         closest_train=train[train_index],
     )
+
+
+def _check_episodes(sets: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
+    """UsageError unless every given episode-id array has one id per frame."""
+    for name, (frames, episodes) in sets.items():
+        if episodes is not None and np.shape(episodes) != (len(frames),):
+            raise UsageError(
+                f"{name}: {np.shape(episodes)} episode ids for {len(frames)} frames (one per frame)"
+            )
+    if len(np.unique(sets["train"][1])) < 2 or len(np.unique(sets["holdout"][1])) < 1:
+        raise UsageError("train: needs frames of at least 2 episodes to estimate a variance")
 
 
 REPORT_FILES = ("report.json", "ndb_bins.png", "nn_distances.png", "closest_pairs.png")
@@ -260,14 +255,15 @@ def write_report(
     report_dir = check_report_dir(report_dir, overwrite)
     report_dir.mkdir(exist_ok=True)
     report.write_json(result.to_dict(), report_dir / "report.json")
-    report.plot_bins(result.ndb, result.ndb_baseline, report_dir / "ndb_bins.png")
-    report.plot_distances(result.collapse, result.copying, report_dir / "nn_distances.png")
+    gate = result.gate
+    report.plot_bins(gate.ndb, result.config.alpha, report_dir / "ndb_bins.png")
+    report.plot_distances(gate.collapse, gate.copying, report_dir / "nn_distances.png")
     report.save_pairs(result.closest_fake, result.closest_train, report_dir / "closest_pairs.png")
     return report_dir
 
 
-def real_splits(f: storage.FrameFile) -> tuple[np.ndarray, np.ndarray, str]:
-    """Training and held-out frames of a real file, and how the split was made.
+def real_splits(f: storage.FrameFile) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training frames, their episode ids, held-out frames and theirs, of a real file.
 
     THE split (``FrameFile.split_ranges``): the file's holdout episodes, whole episodes because
     consecutive frames of one episode are near-duplicates. A file without any is a UsageError:
@@ -282,8 +278,9 @@ def real_splits(f: storage.FrameFile) -> tuple[np.ndarray, np.ndarray, str]:
             f"(or validate a run's samples with carsynth export, which uses the split that "
             f"train --holdout F chose)"
         )
-    train, holdout = f.read_ranges(ranges["train"]), f.read_ranges(ranges["holdout"])
-    return train, holdout, "holdout episodes of the file"
+    train, holdout = ranges["train"], ranges["holdout"]
+    return (f.read_ranges(train), storage.episode_ids(train), f.read_ranges(holdout),
+            storage.episode_ids(holdout))  # fmt: skip
 
 
 def validate_files(
@@ -296,16 +293,19 @@ def validate_files(
 ) -> ValidationResult:
     """Validate the frames of ``fake`` against the real file ``real``; optionally write a report.
 
-    The real file's holdout episodes are the held-out set (see :func:`real_splits`). The report
-    folder is checked before any work, so a refused ``--report`` costs nothing.
+    The real file's holdout episodes are the held-out set (see :func:`real_splits`). When
+    ``fake`` is a real file, its episode table is used (its episodes are the independent units).
+    The report folder is checked before any work, so a refused ``--report`` costs nothing.
     """
     config = config or ValidationConfig()
     if report_dir is not None:
         check_report_dir(report_dir, overwrite)
     with storage.open_frame_file(real) as f:
-        train, holdout, how = real_splits(f)
+        train, train_episodes, holdout, holdout_episodes = real_splits(f)
     with storage.open_frame_file(fake) as f:
         generated = f.read("all")
+        # A real file judged as if generated: its episodes, not its frames, are independent.
+        fake_episodes = storage.episode_ids(f.frame_ranges("all")) if f.kind == "real" else None
     _check_inputs(
         {
             f"{real} (training split)": train,
@@ -314,8 +314,13 @@ def validate_files(
         },
         config.k,
     )
-    result = validate_frames(train, holdout, generated, config, progress)
-    result.sources = {"real": str(real), "fake": str(fake), "holdout": how}
+    result = validate_frames(train, train_episodes, holdout, holdout_episodes, generated, config,
+                             progress, fake_episodes)  # fmt: skip
+    result.sources = {
+        "real": str(real),
+        "fake": str(fake),
+        "holdout": "holdout episodes of the file",
+    }
     if report_dir is not None:
         write_report(result, report_dir, overwrite)
     return result
