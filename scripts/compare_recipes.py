@@ -72,6 +72,7 @@ class CompareConfig:
     samples: int = 3000  # generated frames judged per checkpoint (and frames per fresh set)
     sample_seed: int = 1234  # latents of the judged samples, the same for every run
     preset: str = "quick"  # the carsynth.pipeline preset whose sizes and batch are used
+    gate_samples: int = 10_000  # frames the calibrated gate judges at the last checkpoint (0: off)
     judge_only: bool = False  # judge the checkpoints the runs have, train nothing
     progress: bool = False
 
@@ -146,7 +147,20 @@ def fresh_sets(f: storage.FrameFile, samples: int, seed: int) -> list[np.ndarray
     return sets
 
 
-def run_one(c: CompareConfig, recipe: str, seed: int, judge: Judge) -> dict[str, Any]:
+def gate_verdict(fake: np.ndarray, splits: tuple, seed: int) -> dict[str, Any]:
+    """The calibrated gate of ``carsynth validate`` (:mod:`carsynth.validation`) on ``fake``
+    against the training and held-out episodes (``splits``: ``real_splits``' four arrays)."""
+    from carsynth.validation import ValidationConfig, validate_frames
+
+    result = validate_frames(*splits, fake, ValidationConfig(seed=seed))
+    tests = result.to_dict()["tests"]
+    return {"gate_passed": result.passed, "gate_failures": result.failures,
+            "gate_ndb_k": tests["ndb"]["ndb_k"], "gate_js": tests["ndb"]["js"]}  # fmt: skip
+
+
+def run_one(
+    c: CompareConfig, recipe: str, seed: int, judge: Judge, splits: tuple
+) -> dict[str, Any]:
     """Train (or resume) one run, judge every checkpoint's EMA generator; its record."""
     from carsynth.rundir import checkpoints, load_generator
     from carsynth.sampling import generate_frames
@@ -165,6 +179,11 @@ def run_one(c: CompareConfig, recipe: str, seed: int, judge: Judge) -> dict[str,
         fake = generate_frames(load_generator(run, "cpu", checkpoint), c.sample_seed, 0, c.samples)
         row = judge(fake, collapse=checkpoint == kept[-1])
         curve.append({"step": step, "images": step * config.batch_size, **row})
+    if c.gate_samples:
+        fake = generate_frames(
+            load_generator(run, "cpu", kept[-1]), c.sample_seed, 0, c.gate_samples
+        )
+        curve[-1].update(gate_verdict(fake, splits, seed))
     images_per_s = float(np.median([m["images_per_s"] for m in metrics]))
     # training seconds from the metrics rows (each row: its steps' images over its rate), so a
     # resumed run counts only the time its steps took
@@ -179,15 +198,16 @@ def run_one(c: CompareConfig, recipe: str, seed: int, judge: Judge) -> dict[str,
 def markdown(rows: list[dict[str, Any]], nulls: dict[int, dict[str, Any]], samples: int) -> str:
     """The table: one row per run (its last checkpoint), then the fresh sets' limits."""
     lines = [
-        "| recipe | seed | steps | seconds | img/s | NDB/K | JS | collapse ratio | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | seed | steps | seconds | img/s | NDB/K | JS | collapse ratio | verdict "
+        "| gate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['recipe']} | {r['seed']} | {r['step']} | {r['train_seconds']:.0f} "
             f"| {r['images_per_s']:.0f} "
             f"| {r['ndb']:.2f} | {r['js']:.3f} | {r['collapse_ratio']:.2f} "
-            f"| {'pass' if r['passed'] else 'FAIL'} |"
+            f"| {'pass' if r['passed'] else 'FAIL'} | {_gate(r)} |"
         )
     lines.append("")
     for seed, null in nulls.items():
@@ -198,6 +218,15 @@ def markdown(rows: list[dict[str, Any]], nulls: dict[int, dict[str, Any]], sampl
             f"(95th pct {null['ndb_limit']:.2f})."
         )
     return "\n".join(lines)
+
+
+def _gate(row: dict[str, Any]) -> str:
+    """The gate column: pass/FAIL with the failed tests, or '-' when the gate did not run."""
+    if "gate_passed" not in row:
+        return "-"
+    if row["gate_passed"]:
+        return "pass"
+    return "FAIL (" + ", ".join(f.split(":")[0] for f in row["gate_failures"]) + ")"
 
 
 def plot_curves(rows: list[dict[str, Any]], nulls: dict[int, dict[str, Any]], path: Path) -> None:
@@ -235,13 +264,15 @@ def compare(c: CompareConfig) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     rows, nulls = [], {}
     with storage.open_frame_file(c.data) as f, storage.open_frame_file(c.fresh) as fresh:
-        splits = f.split_ranges()
-        train, holdout = f.read_ranges(splits["train"]), f.read_ranges(splits["holdout"])
+        from carsynth.validation import real_splits
+
+        splits = real_splits(f)
+        train, holdout = splits[0], splits[2]
         for seed in c.seeds:
             judge = Judge(train, holdout, fresh, c.samples, seed)
             nulls[seed] = judge.null_summary()
             for recipe in c.recipes:
-                rows.append(run_one(c, recipe, seed, judge))
+                rows.append(run_one(c, recipe, seed, judge, splits))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
     table = markdown(rows, nulls, c.samples)
     record = {"config": asdict(c), "recipes": {r: RECIPES[r] for r in c.recipes},
@@ -266,6 +297,12 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between judgings")
     p.add_argument("--samples", type=int, default=d.samples, help="frames judged (and per set)")
     p.add_argument("--preset", default=d.preset, help="carsynth.pipeline preset of the base")
+    p.add_argument(
+        "--gate-samples",
+        type=int,
+        default=d.gate_samples,
+        help="frames the calibrated gate judges at the last checkpoint (0: off)",
+    )
     p.add_argument("--judge-only", action="store_true", help="judge existing checkpoints only")
     p.add_argument("--progress", action="store_true", help="training progress bars")
     args = p.parse_args(argv)

@@ -61,7 +61,7 @@ def test_tiny_comparison_writes_table_json_curve(
     out = tmp_path / "cmp"
     argv = ["--data", str(fixture_file), "--fresh", str(fixture_file), "--out", str(out),
             "--preset", "test", "--recipes", "fm", "fm+da+sn", "--steps", "2",
-            "--eval-every", "1", "--samples", "100"]  # fmt: skip
+            "--eval-every", "1", "--samples", "100", "--gate-samples", "0"]  # fmt: skip
     assert cr.main(argv) == 0
     record = json.loads((out / "results.json").read_text())
     null = record["fresh_null"]["0"]
