@@ -6,8 +6,7 @@ and batch are shared. Each run keeps a
 checkpoint every ``--eval-every`` steps, and the EMA generator of each checkpoint is judged, so
 one run gives both a row of the table (its last checkpoint) and a quality-versus-compute curve.
 
-The judge (until the calibrated gate of carsynth.validation lands, the interim measure of issue
-14): K-means bins (NDB, Richardson & Weiss 2018; K=100 on 32x32 averages, as ``validate``)
+The judge (the interim measure of issue 14, cheap enough for every checkpoint): K-means bins (NDB, Richardson & Weiss 2018; K=100 on 32x32 averages, as ``validate``)
 fitted on the training frames; ``--samples`` generated frames are compared with the bins, and so
 are disjoint sets of the same number of frames cut as WHOLE episodes from a file of fresh real
 episodes (other collection seeds: what a perfect generator's frames look like, at a matched
@@ -15,7 +14,8 @@ sample size). A recipe passes when its JS divergence and its NDB/K are both at m
 percentile of the fresh sets' (a whole-episode null: whole episodes are noisier than i.i.d.
 frames, so this favours the generator, never the reverse of it). The collapse ratio (median
 nearest-neighbour distance, generated over held-out real, :mod:`carsynth.metrics.neighbours`) is
-reported beside them.
+reported beside them. The last checkpoint's ``--gate-samples`` frames also go through the
+calibrated gate of ``carsynth validate`` (:mod:`carsynth.validation`): the table's gate column.
 
 Outputs in ``--out``: ``runs/<recipe>_s<seed>/`` (training runs; an existing run is resumed),
 ``results.json`` (settings, every checkpoint's scores, the fresh sets' scores), ``results.md``

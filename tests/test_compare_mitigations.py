@@ -99,14 +99,15 @@ def test_bad_input_exit_2_nothing_written(
 
 
 def test_gpu_preset_runs_the_pipeline_recipe() -> None:
-    from carsynth.pipeline import PRESETS, RECIPE
+    from carsynth.pipeline import CANDIDATE, PRESETS, RECIPE
 
     c = cm.parse_args(["--data", "real.h5", "--out", "cmp", "--preset", "gpu"])
-    assert c.variants == ["fm", "recipe"]
+    assert c.variants == ["recipe", "fm+da+sn"]
+    full = PRESETS["full"].train
+    for variant, settings in (("recipe", RECIPE), ("fm+da+sn", CANDIDATE)):
+        config = cm.train_config(c, variant, 0)
+        assert {k: getattr(config, k) for k in settings} == settings
     recipe = cm.train_config(c, "recipe", 0)
-    assert {k: getattr(recipe, k) for k in RECIPE} == RECIPE
-    assert {k: getattr(recipe, k) for k in RECIPE} == {
-        k: PRESETS["full"].train[k] for k in RECIPE
-    }  # fmt: skip
-    assert (recipe.ngf, recipe.batch_size) == (64, PRESETS["full"].train["batch_size"])
+    assert {k: getattr(recipe, k) for k in RECIPE} == {k: full[k] for k in RECIPE}
+    assert (recipe.ngf, recipe.batch_size, recipe.steps) == (64, full["batch_size"], full["steps"])
     assert "recipe" not in cm.parse_args(["--data", "r.h5", "--out", "c"]).variants
