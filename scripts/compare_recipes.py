@@ -6,8 +6,9 @@ and batch are shared. Each run keeps a
 checkpoint every ``--eval-every`` steps, and the EMA generator of each checkpoint is judged, so
 one run gives both a row of the table (its last checkpoint) and a quality-versus-compute curve.
 
-The judge (the interim measure of issue 14, cheap enough for every checkpoint): K-means bins (NDB, Richardson & Weiss 2018; K=100 on 32x32 averages, as ``validate``)
-fitted on the training frames; ``--samples`` generated frames are compared with the bins, and so
+The judge (the interim measure of issue 14, cheap enough for every checkpoint): K-means bins
+(NDB, Richardson & Weiss 2018; K=100 on 32x32 averages, as ``validate``) fitted on the training
+frames; ``--samples`` generated frames are compared with the bins, and so
 are disjoint sets of the same number of frames cut as WHOLE episodes from a file of fresh real
 episodes (other collection seeds: what a perfect generator's frames look like, at a matched
 sample size). A recipe passes when its JS divergence and its NDB/K are both at most the 95th
