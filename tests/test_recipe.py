@@ -104,6 +104,9 @@ def test_old_run_configs_resume_with_the_shared_rate() -> None:
     del saved["lr_g"], saved["lr_d"]
     assert resume_differences(saved, config()) == []
     assert resume_differences(saved, config(lr_d=4e-4)) == ["lr_d"]
+    # a changed lr is reported once, not again as the rates that follow it
+    assert resume_differences(config().resolved(), config(lr=1e-3)) == ["lr"]
+    assert resume_differences(config(lr_g=1e-4).resolved(), config(lr=1e-3)) == ["lr", "lr_g"]
 
 
 def test_ema_half_life_in_images() -> None:

@@ -254,6 +254,9 @@ def resume_differences(saved: dict[str, Any], mine: TrainConfig) -> list[str]:
     # runs from before lr_g/lr_d existed trained both networks at lr
     saved = {"lr_g": saved.get("lr"), "lr_d": saved.get("lr"), **saved}
     values = mine.resolved()
-    return sorted(
-        k for k in values if k not in RESUMABLE and saved.get(k, defaults[k]) != values[k]
-    )
+    differ = {k for k in values if k not in RESUMABLE and saved.get(k, defaults[k]) != values[k]}
+    # a network's rate that follows lr on both sides is reported as lr alone
+    for k in ("lr_g", "lr_d"):
+        if getattr(mine, k) is None and saved[k] == saved.get("lr"):
+            differ.discard(k)
+    return sorted(differ)
