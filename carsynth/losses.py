@@ -36,16 +36,31 @@ def g_nonsaturating_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(fake_logits.float(), torch.ones_like(fake_logits))
 
 
-def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
+def feature_matching_loss(
+    real_features: torch.Tensor, fake_features: torch.Tensor, moments: int = 1
+) -> torch.Tensor:
     """|| mean_batch f(x) - mean_batch f(G(z)) ||_2^2 (Salimans et al. 2016, section 3.1).
 
     The squared distance between the batch means of the discriminator's intermediate features,
     so the generator matches the statistics of real data rather than any one real frame. The real
     features are detached: only the generator learns from this loss.
+
+    ``moments=2`` adds || std_batch f(x) - std_batch f(G(z)) ||_2^2 (per-feature population
+    standard deviations): the mean alone is met by a generator whose frames all sit at the mean,
+    the spread is not (the diagonal of the covariance matching of Mroueh et al. 2017, McGAN).
     """
-    real_mean = real_features.detach().float().flatten(1).mean(0)
-    fake_mean = fake_features.float().flatten(1).mean(0)
-    return (real_mean - fake_mean).pow(2).sum()
+    real = real_features.detach().float().flatten(1)
+    fake = fake_features.float().flatten(1)
+    loss = (real.mean(0) - fake.mean(0)).pow(2).sum()
+    if moments >= 2:
+        loss = loss + (_std(real) - _std(fake)).pow(2).sum()
+    return loss
+
+
+def _std(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-column population standard deviation, with ``eps`` under the root (finite gradient at
+    zero spread)."""
+    return (x.var(0, unbiased=False) + eps).sqrt()
 
 
 def historical_averaging_penalty(

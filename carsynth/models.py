@@ -89,6 +89,11 @@ class Discriminator(nn.Module):
     B closeness values enter the classifier as B extra constant 4x4 channels. ``norm=False``
     drops batch norm everywhere: the WGAN-GP critic (Gulrajani et al. 2017, section 4) penalises
     each sample's gradient, which batch statistics would couple across the batch.
+
+    ``spectral_norm=True`` divides every convolution's weight by its largest singular value,
+    estimated by one power iteration per training forward (Miyato et al. 2018, "Spectral
+    Normalization for Generative Adversarial Networks"), which bounds the discriminator's
+    Lipschitz constant; their discriminators have no batch norm, so it is dropped here too.
     """
 
     def __init__(
@@ -98,11 +103,13 @@ class Discriminator(nn.Module):
         minibatch_kernels: int = 0,
         minibatch_kernel_dim: int = 5,
         norm: bool = True,
+        spectral_norm: bool = False,
     ) -> None:
         super().__init__()
         if fm_layer not in FEATURE_LAYERS:
             raise ValueError(f"fm_layer must be one of {FEATURE_LAYERS}, got {fm_layer}")
         self.ndf, self.fm_layer = ndf, fm_layer
+        norm = norm and not spectral_norm
 
         def down(cin: int, cout: int, norm: bool) -> nn.Sequential:
             layers: list[nn.Module] = [nn.Conv2d(cin, cout, 4, 2, 1, bias=False)]
@@ -126,6 +133,12 @@ class Discriminator(nn.Module):
         )
         self.classifier = nn.Conv2d(ndf * 8 + minibatch_kernels, 1, 4, 1, 0, bias=False)
         self.apply(init_weights)
+        if spectral_norm:
+            for conv in [m for m in self.modules() if isinstance(m, nn.Conv2d)]:
+                nn.utils.parametrizations.spectral_norm(conv)
+        # Each sample's output depends on that sample alone (no batch norm, no minibatch
+        # features): real and generated batches may then share one forward pass.
+        self.per_sample = not norm and self.minibatch is None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = x

@@ -6,7 +6,13 @@ batch size, the non-saturating loss, and ``.item()`` on the losses every step as
 prints them. Both run the same number of generator steps in this process, timed end to end
 (setup included); the ratio is carsynth's images/s over the reference's.
 
+A second table (``--cpu-levers``) times the training step itself (one D update, one G update,
+the EMA) under the CPU throughput levers, each against the plain fp32 step of the same run:
+torch threads, channels_last, bf16 autocast, ``torch.compile``, the recipe's spectral-norm
+discriminator (one forward over real and generated frames) and DiffAugment's cost.
+
     python -m scripts.bench_train --steps 20 --threads 1
+    python -m scripts.bench_train --cpu-levers --ngf 32 --ndf 32 --steps 30 [--compile]
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from carsynth import storage
+from carsynth.augment import diff_augment, parse_policy
 from carsynth.devices import resolve_device
 from carsynth.files import to_float
 from carsynth.models import Discriminator, Generator
-from carsynth.training import TrainConfig, train
+from carsynth.training import Networks, TrainConfig, make_objective, train
+from carsynth.training.steps import discriminator_step, generator_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +109,81 @@ def ours(args: argparse.Namespace, fm: bool) -> float:
         return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
+# The CPU levers: TrainConfig changes, and the step's layout/precision/compile/threads.
+LEVERS: dict[str, dict] = {
+    "fp32 (baseline)": {},
+    "1 thread": {"threads": 1},
+    "channels_last": {"channels_last": True},
+    "bf16 autocast": {"amp": torch.bfloat16},
+    "bf16 + channels_last": {"amp": torch.bfloat16, "channels_last": True},
+    "torch.compile": {"compile": True},
+    "SN D, one forward (recipe D)": {"config": {"spectral_norm": True}},
+    "SN D, two forwards": {"config": {"spectral_norm": True}, "joint": False},
+    "+ DiffAugment (color,translation,cutout)": {"augment": "color,translation,cutout"},
+}
+
+
+def lever_rate(args: argparse.Namespace, frames: torch.Tensor, lever: dict) -> float:
+    """images/s of ``args.steps`` training steps (after 3 untimed warm-up steps) with a lever."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(lever.get("threads", threads))
+    config = TrainConfig(data="-", out="-", nz=args.nz, ngf=args.ngf, ndf=args.ndf, fm=True,
+                         batch_size=args.batch_size, **lever.get("config", {}))  # fmt: skip
+    device = torch.device("cpu")
+    nets = Networks.build(config, device)
+    layout = torch.channels_last if lever.get("channels_last") else torch.contiguous_format
+    nets.generator.to(memory_format=layout)
+    nets.discriminator.to(memory_format=layout)
+    g, d = nets.generator, nets.discriminator
+    if lever.get("compile"):
+        g, d = torch.compile(g), torch.compile(d)
+    amp = lever.get("amp")
+    objective = make_objective(config)
+    policy = parse_policy(lever.get("augment", ""))
+    noise = torch.Generator().manual_seed(0)
+    augment = (lambda t: diff_augment(t, policy, noise)) if policy else None
+    joint = lever.get("joint", nets.discriminator.per_sample)
+
+    def step(i: int) -> None:
+        x = frames[(i * args.batch_size) % (len(frames) - args.batch_size) :][: args.batch_size]
+        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous(memory_format=layout)
+        z = torch.randn(args.batch_size, args.nz, 1, 1, generator=noise)
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            fake = g(z)
+        discriminator_step(d, nets.opt_d, nets.scaler, x, fake, objective, amp, augment=augment,
+                           joint=joint)  # fmt: skip
+        generator_step(g, d, nets.opt_g, nets.scaler, x, fake, objective, amp, augment=augment)
+        nets.average(i, 0.999)
+
+    for i in range(3):
+        step(i)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(i)
+    rate = args.steps * args.batch_size / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return rate
+
+
+def cpu_levers(args: argparse.Namespace) -> dict[str, float]:
+    """The lever table, a row printed as each lever is timed: images/s and the ratio to fp32."""
+    with storage.open_frame_file(args.data) as f:
+        frames = torch.from_numpy(f.read("train", limit=2048))
+    levers = {k: v for k, v in LEVERS.items() if args.compile or not v.get("compile")}
+    print(
+        f"cpu, batch {args.batch_size}, {args.steps} steps, nz/ngf/ndf "
+        f"{args.nz}/{args.ngf}/{args.ndf}, torch threads {torch.get_num_threads()}, --fm"
+    )
+    print(f"| {'step':<40} | {'images/s':>9} | {'ratio':>6} |")
+    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 8}|", flush=True)
+    rates: dict[str, float] = {}
+    for name, lever in levers.items():
+        rates[name] = lever_rate(args, frames, lever)
+        ratio = rates[name] / rates["fp32 (baseline)"]
+        print(f"| {name:<40} | {rates[name]:>9.1f} | {ratio:>5.2f}x |", flush=True)
+    return rates
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT / "data" / "carracing_small.h5")
@@ -114,9 +197,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=Path("bench_train.json"))
+    p.add_argument("--cpu-levers", action="store_true", help="the CPU step-lever table instead")
+    p.add_argument("--compile", action="store_true", help="with --cpu-levers: torch.compile too")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_levers:
+        rates = cpu_levers(args)
+        record = {"settings": {k: str(v) for k, v in vars(args).items()},
+                  "torch_threads": torch.get_num_threads(), "images_per_s": rates,
+                  "ratio": {k: v / rates["fp32 (baseline)"] for k, v in rates.items()}}  # fmt: skip
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return
     device = resolve_device(args.device)
 
     results = {

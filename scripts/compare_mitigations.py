@@ -41,6 +41,7 @@ from PIL import Image
 
 from carsynth import files
 from carsynth.errors import UsageError
+from carsynth.pipeline import CANDIDATE, RECIPE
 
 # Each variant's changes to the baseline TrainConfig. Sources: Radford et al. 2015 (bce),
 # Salimans et al. 2016 (fm, minibatch discrimination with B=100 kernels of C=5 as in their code,
@@ -58,6 +59,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bce+smooth": {"real_label": 0.9},
     "fm+hist": {"fm": True, "historical_weight": 1e-3},
     "unrolled": {"unrolled_steps": 5},
+    # the pipeline's recipe (carsynth.pipeline.RECIPE) and the candidate measured against it
+    # (carsynth.pipeline.CANDIDATE: fm + DiffAugment + spectral norm)
+    "recipe": dict(RECIPE),
+    "fm+da+sn": dict(CANDIDATE),
 }
 
 
@@ -77,15 +82,18 @@ class Preset:
     samples: int  # generated frames validated per variant
     monitor_interval: int  # steps between collapse-monitor measurements
     monitor_samples: int  # frames per monitor measurement
+    variants: tuple[str, ...]  # run when --variants is not given
 
 
 PRESETS = {
     # Small nets and a short budget: all eight variants in about 25 minutes on 2 cores.
     "cpu": Preset(steps=500, batch_size=32, ngf=32, ndf=32, nz=100, samples=1000,
-                  monitor_interval=100, monitor_samples=500),
-    # The full DCGAN-64 of Radford et al. 2015 for a real budget.
-    "gpu": Preset(steps=30_000, batch_size=128, ngf=64, ndf=64, nz=100, samples=10_000,
-                  monitor_interval=2000, monitor_samples=2000),
+                  monitor_interval=100, monitor_samples=500,
+                  variants=tuple(v for v in VARIANTS if v not in ("recipe", "fm+da+sn"))),
+    # The full DCGAN-64 of Radford et al. 2015 at the full preset's batch and budget: the
+    # pipeline's recipe against the DiffAugment + spectral-norm candidate (README, "Recipes").
+    "gpu": Preset(steps=20_000, batch_size=256, ngf=64, ndf=64, nz=100, samples=10_000,
+                  monitor_interval=2000, monitor_samples=2000, variants=("recipe", "fm+da+sn")),
 }  # fmt: skip
 
 
@@ -96,7 +104,7 @@ class CompareConfig:
     data: str  # real frame file (with holdout episodes) every variant trains on
     out: str  # output folder (runs/, results.json, results.md, samples.png)
     preset: Preset = field(default_factory=lambda: PRESETS["cpu"])
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(PRESETS["cpu"].variants))
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per variant and seed
     sample_seed: int = 1234  # latents of the validated samples (the same for every run)
     device: str = "auto"  # training and validation device
@@ -298,7 +306,7 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--data", required=True, help="real frame file with holdout episodes")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", choices=PRESETS, default="cpu", help="sizes (see the docstring)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=", ".join(VARIANTS))
+    p.add_argument("--variants", nargs="+", help="default: the preset's; " + ", ".join(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds")
     for name in ("steps", "batch_size", "ngf", "ndf", "nz", "samples"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"the preset's {name}")
@@ -306,13 +314,15 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--overwrite", action="store_true", help="retrain existing runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    sizes = {k: v for k, v in vars(args).items() if k in asdict(PRESETS["cpu"]) and v is not None}
+    sizes = {k: v for k, v in vars(args).items()
+             if k in asdict(PRESETS["cpu"]) and k != "variants" and v is not None}  # fmt: skip
     preset = replace(PRESETS[args.preset], **sizes)
     if preset.steps % preset.monitor_interval:  # the monitor needs whole log intervals
         preset.monitor_interval = preset.steps
     return CompareConfig(
-        data=args.data, out=args.out, preset=preset, variants=args.variants, seeds=args.seeds,
-        device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
+        data=args.data, out=args.out, preset=preset,
+        variants=args.variants or list(preset.variants), seeds=args.seeds, device=args.device,
+        overwrite=args.overwrite, progress=not args.no_progress,
     )  # fmt: skip
 
 

@@ -96,3 +96,18 @@ def test_bad_input_exit_2_nothing_written(
     assert cm.main(argv) == 2
     assert capsys.readouterr().err.startswith(f"compare_mitigations: error: {message}")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_gpu_preset_runs_the_pipeline_recipe() -> None:
+    from carsynth.pipeline import CANDIDATE, PRESETS, RECIPE
+
+    c = cm.parse_args(["--data", "real.h5", "--out", "cmp", "--preset", "gpu"])
+    assert c.variants == ["recipe", "fm+da+sn"]
+    full = PRESETS["full"].train
+    for variant, settings in (("recipe", RECIPE), ("fm+da+sn", CANDIDATE)):
+        config = cm.train_config(c, variant, 0)
+        assert {k: getattr(config, k) for k in settings} == settings
+    recipe = cm.train_config(c, "recipe", 0)
+    assert {k: getattr(recipe, k) for k in RECIPE} == {k: full[k] for k in RECIPE}
+    assert (recipe.ngf, recipe.batch_size, recipe.steps) == (64, full["batch_size"], full["steps"])
+    assert "recipe" not in cm.parse_args(["--data", "r.h5", "--out", "c"]).variants

@@ -308,8 +308,10 @@ def test_collapse_monitor_logs_and_stops(
         {},
         {"real_label": 0.9, "minibatch_kernels": 4, "historical_weight": 0.5, "fm": True},
         {"unrolled_steps": 2},
+        {"fm": True, "fm_moments": 2, "spectral_norm": True, "diffaugment": "color,translation,"
+         "cutout", "lr_g": 1e-4, "lr_d": 4e-4, "ema_half_life": 500.0},
     ],
-)
+)  # fmt: skip
 def test_resume_is_bit_identical(fixture_file: Path, tmp_path: Path, changes: dict) -> None:
     whole = train(tiny(fixture_file, tmp_path / "whole", steps=8, checkpoint_interval=4, **changes))
     part = train(tiny(fixture_file, tmp_path / "part", steps=4, checkpoint_interval=4, **changes))

@@ -45,6 +45,17 @@ class TrainConfig:
     fm: bool = option(False, "feature-matching generator loss (Salimans et al. 2016)")
     fm_layer: int = option(4, "discriminator block (1..4) whose features are matched; 4 = last")
     adv_weight: float = option(0.0, "with --fm: weight of an added non-saturating term")
+    fm_moments: int = option(
+        1, "with --fm: 1 matches feature means (Salimans et al. 2016), 2 also their std devs"
+    )
+    # the discriminator's inputs and weights
+    diffaugment: str = option(
+        "", "DiffAugment of every D input, real and fake, in both steps (Zhao et al. 2020): "
+        "comma list of color, translation, cutout ('' off)",
+    )  # fmt: skip
+    spectral_norm: bool = option(
+        False, "spectral normalisation of every D convolution, no batch norm in D (Miyato 2018)"
+    )
     # mode-collapse mitigations (Salimans et al. 2016)
     real_label: float = option(1.0, "D target for real frames (0.9: one-sided label smoothing)")
     minibatch_kernels: int = option(0, "minibatch discrimination kernels B (0: off)")
@@ -63,6 +74,8 @@ class TrainConfig:
     )
     # optimisation: None takes the loss's Adam settings (ADAM)
     lr: float | None = option(None, "Adam learning rate (default 2e-4; wgan-gp: 1e-4)")
+    lr_g: float | None = option(None, "generator learning rate (default --lr; TTUR, Heusel 2017)")
+    lr_d: float | None = option(None, "discriminator learning rate (default --lr; TTUR)")
     beta1: float | None = option(None, "Adam beta1 (default 0.5; wgan-gp: 0)")
     beta2: float | None = option(None, "Adam beta2 (default 0.999; wgan-gp: 0.9)")
     batch_size: int = option(64, "frames per step and process")
@@ -83,6 +96,10 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile both networks (slow start, faster steps)")
     # EMA generator, used for samples and export
     ema_decay: float = option(0.999, "EMA generator decay, warmed up as min(d, (1+t)/(10+t))")
+    ema_half_life: float | None = option(
+        None, "EMA half-life in images (Karras et al.): decay 0.5 ** (batch / it); "
+        "replaces --ema-decay",
+    )  # fmt: skip
     # collapse monitor (carsynth.monitor)
     monitor_interval: int = option(0, "steps between collapse checks (NDB + collapse; 0: off)")
     monitor_samples: int = option(500, "EMA samples per collapse check")
@@ -106,6 +123,37 @@ class TrainConfig:
         )
 
     @property
+    def learning_rates(self) -> tuple[float, float]:
+        """(generator's, discriminator's) learning rate: ``lr_g``/``lr_d``, else Adam's lr.
+
+        Two time-scale update rule (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update
+        Rule Converge to a Local Nash Equilibrium"): separate step sizes for the two networks.
+        """
+        lr = self.adam[0]
+        return (
+            float(self.lr_g if self.lr_g is not None else lr),
+            float(self.lr_d if self.lr_d is not None else lr),
+        )
+
+    def ema_beta(self, global_batch: int) -> float:
+        """The EMA generator's decay per step: ``ema_decay``, or with ``ema_half_life`` the decay
+        after which an update's weight has halved once ``ema_half_life`` images have passed,
+        0.5 ** (global_batch / ema_half_life) (Karras et al. 2020, stylegan2-ada's ema_kimg)."""
+        if self.ema_half_life is None:
+            return self.ema_decay
+        return 0.5 ** (global_batch / self.ema_half_life)
+
+    @property
+    def augment_policy(self) -> tuple[str, ...]:
+        """The DiffAugment transformations in order (``diffaugment`` parsed)."""
+        from carsynth.augment import parse_policy
+
+        try:
+            return parse_policy(self.diffaugment)
+        except ValueError as error:
+            raise UsageError(f"--diffaugment: {error}") from None
+
+    @property
     def critic_updates(self) -> int:
         """D updates per G update: ``critic_steps``, else the loss's default."""
         return self.critic_steps or CRITIC_STEPS[self.loss]
@@ -114,6 +162,7 @@ class TrainConfig:
         """Every setting with the loss-dependent defaults filled in: what config.json records."""
         values = dataclasses.asdict(self)
         values["lr"], values["beta1"], values["beta2"] = self.adam
+        values["lr_g"], values["lr_d"] = self.learning_rates
         return values
 
 
@@ -206,6 +255,14 @@ def _objective(c: TrainConfig) -> None:
             raise UsageError(f"{flag} must be in [0, 1), got {beta}")
     if not 0.0 <= c.ema_decay < 1.0:
         raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
+    if c.ema_half_life is not None and not c.ema_half_life > 0:
+        raise UsageError(f"--ema-half-life must be > 0 images, got {c.ema_half_life}")
+    if min(c.learning_rates) <= 0:
+        raise UsageError("--lr-g and --lr-d must be > 0")
+    if c.fm_moments not in (1, 2):
+        raise UsageError(f"--fm-moments must be 1 or 2, got {c.fm_moments}")
+    if c.diffaugment and not c.augment_policy:
+        raise UsageError(f"--diffaugment: no transformation named in {c.diffaugment!r}")
 
 
 def _bookkeeping(c: TrainConfig) -> None:
@@ -236,7 +293,12 @@ def resume_differences(saved: dict[str, Any], mine: TrainConfig) -> list[str]:
     """The settings of ``mine`` that differ from a run's recorded ones and may not change on
     ``--resume`` (a setting missing from an older config.json had its default value then)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    # runs from before lr_g/lr_d existed trained both networks at lr
+    saved = {"lr_g": saved.get("lr"), "lr_d": saved.get("lr"), **saved}
     values = mine.resolved()
-    return sorted(
-        k for k in values if k not in RESUMABLE and saved.get(k, defaults[k]) != values[k]
-    )
+    differ = {k for k in values if k not in RESUMABLE and saved.get(k, defaults[k]) != values[k]}
+    # a network's rate that follows lr on both sides is reported as lr alone
+    for k in ("lr_g", "lr_d"):
+        if getattr(mine, k) is None and saved[k] == saved.get("lr"):
+            differ.discard(k)
+    return sorted(differ)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from carsynth import __version__, files, report_html, rundir, storage
+from carsynth.augment import diff_augment
 from carsynth.devices import resolve_device
 from carsynth.errors import UsageError
 from carsynth.monitor import FIT_SAMPLES, CollapseMonitor
@@ -225,6 +226,10 @@ class Trainer:
         self.objective = make_objective(c)
         self.fixed_z = latents(c.seed, 0, SAMPLE_COUNT, c.nz).to(device)
         self.noise = torch.Generator(device=device)
+        # DiffAugment draws from the step's noise stream, so a resumed run repeats them
+        policy = c.augment_policy
+        self.augment = (lambda t: diff_augment(t, policy, self.noise)) if policy else None
+        self.joint = self.nets.discriminator.per_sample
 
     def _resume(self) -> None:
         """Load the newest checkpoint that loads (an older one, with a warning, when the latest
@@ -289,15 +294,16 @@ class Trainer:
                     d_stats = discriminator_step(
                         self.d_step, self.nets.opt_d, self.nets.scaler, x, fake, self.objective,
                         self.nets.amp_dtype, self.nets.history_of("d"), self.d_plain, eps,
+                        self.augment, self.joint,
                     )  # fmt: skip
                 # (2) update G against the updated D
                 g_loss = generator_step(
                     self.nets.generator, self.d_plain, self.nets.opt_g, self.nets.scaler, x, fake,
                     self.objective, self.nets.amp_dtype, self.nets.history_of("g"),
-                    self.nets.opt_d,
+                    self.nets.opt_d, self.augment,
                 )  # fmt: skip
                 # (3) running averages: historical means and the EMA generator
-                self.nets.average(step, c.ema_decay)
+                self.nets.average(step, c.ema_beta(plan.global_batch))
                 with torch.no_grad():
                     sums += torch.cat([d_stats[:1], g_loss.detach().float().view(1), d_stats[1:]])
                 self.since += 1

@@ -37,16 +37,22 @@ class Networks:
         torch.manual_seed(c.seed)
         generator = Generator(c.nz, c.ngf).to(device)
         discriminator = Discriminator(
-            c.ndf, c.fm_layer, c.minibatch_kernels, c.minibatch_kernel_dim, norm=c.loss == "bce"
+            c.ndf,
+            c.fm_layer,
+            c.minibatch_kernels,
+            c.minibatch_kernel_dim,
+            norm=c.loss == "bce",
+            spectral_norm=c.spectral_norm,
         ).to(device)
         channels_last = c.channels_last and device.type == "cuda"
         if channels_last:
             generator.to(memory_format=torch.channels_last)
             discriminator.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(generator).eval().requires_grad_(False)
-        lr, beta1, beta2 = c.adam
-        opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, beta2))
-        opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, beta2))
+        _, beta1, beta2 = c.adam
+        lr_g, lr_d = c.learning_rates
+        opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(beta1, beta2))
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=(beta1, beta2))
         amp = c.amp if c.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")

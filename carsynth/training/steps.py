@@ -7,6 +7,7 @@ call it and hold no if/else on the loss themselves. A new loss is a new Objectiv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 
 from carsynth import losses, unrolled
 from carsynth.training.config import TrainConfig
+
+Augment = Callable[[torch.Tensor], torch.Tensor]  # DiffAugment of a batch (carsynth.augment)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
@@ -26,6 +29,7 @@ class Objective:
     """What the two networks minimise. Subclasses give the adversarial part of each."""
 
     fm: bool = False  # feature matching (Salimans et al. 2016) for the generator
+    fm_moments: int = 1  # 1: feature means; 2: means and standard deviations
     adv_weight: float = 0.0  # with fm: weight of the added adversarial term
     historical_weight: float = 0.0  # historical-averaging penalty weight
     real_label: float = 1.0  # the cross-entropy's target for real frames
@@ -52,7 +56,7 @@ class Objective:
         """Feature matching (plus ``adv_weight`` x the adversarial term), or the adversarial one."""
         if not self.fm:
             return self.g_adversarial(fake_logits)
-        loss = losses.feature_matching_loss(real_features, fake_features)
+        loss = losses.feature_matching_loss(real_features, fake_features, self.fm_moments)
         if self.adv_weight:
             loss = loss + self.adv_weight * self.g_adversarial(fake_logits)
         return loss
@@ -101,9 +105,9 @@ OBJECTIVES: dict[str, type[Objective]] = {"bce": CrossEntropy, "wgan-gp": Wasser
 def make_objective(config: TrainConfig) -> Objective:
     """The run's loss, chosen once from ``config.loss`` and the objective's settings."""
     return OBJECTIVES[config.loss](
-        fm=config.fm, adv_weight=config.adv_weight, historical_weight=config.historical_weight,
-        real_label=config.real_label, gp_weight=config.gp_weight,
-        unrolled_steps=config.unrolled_steps,
+        fm=config.fm, fm_moments=config.fm_moments, adv_weight=config.adv_weight,
+        historical_weight=config.historical_weight, real_label=config.real_label,
+        gp_weight=config.gp_weight, unrolled_steps=config.unrolled_steps,
     )  # fmt: skip
 
 
@@ -118,18 +122,26 @@ def discriminator_step(
     history: list[torch.Tensor] | None = None,
     critic: nn.Module | None = None,
     eps: torch.Tensor | None = None,
+    augment: Augment | None = None,
+    joint: bool = False,
 ) -> torch.Tensor:
     """One discriminator update on a real batch ``x`` and a generated batch ``fake``.
 
     ``critic`` is the bare network for the gradient penalty (default ``discriminator``);
     ``history`` (running means of the discriminator's parameters) adds the historical-averaging
-    penalty. Returns, detached, [d_loss, mean D(x), mean D(G(z)), feature-matching distance]:
-    D(.) as ``objective.score`` gives it. The distance is monitored in every mode.
+    penalty; ``augment`` (DiffAugment) transforms both batches before the discriminator sees
+    them. ``joint``: one forward pass over both batches, for a discriminator whose output for a
+    sample depends on that sample alone (``Discriminator.per_sample``). Returns, detached,
+    [d_loss, mean D(x), mean D(G(z)), feature-matching distance]: D(.) as ``objective.score``
+    gives it. The distance is monitored in every mode.
     """
     fake = fake.detach()
     with autocast(x.device, amp_dtype):
-        real_logits, real_features = discriminator(x)
-        fake_logits, fake_features = discriminator(fake)
+        if augment is not None:
+            x, fake = augment(x), augment(fake)
+        real_logits, fake_logits, real_features, fake_features = _judge_both(
+            discriminator, x, fake, joint
+        )
         d_loss = objective.d_adversarial(
             real_logits, fake_logits, critic or discriminator, x, fake, eps
         )
@@ -147,6 +159,20 @@ def discriminator_step(
                 losses.feature_matching_loss(real_features, fake_features),
             ]
         )
+
+
+def _judge_both(
+    discriminator: nn.Module, x: torch.Tensor, fake: torch.Tensor, joint: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(real logits, fake logits, real features, fake features): two forward passes, or one
+    over the concatenated batch (``joint``)."""
+    if not joint:
+        real_logits, real_features = discriminator(x)
+        fake_logits, fake_features = discriminator(fake)
+        return real_logits, fake_logits, real_features, fake_features
+    logits, features = discriminator(torch.cat([x, fake]))
+    n = len(x)
+    return logits[:n], logits[n:], features[:n], features[n:]
 
 
 def _judge(
@@ -181,23 +207,26 @@ def generator_step(
     amp_dtype: torch.dtype | None = None,
     history: list[torch.Tensor] | None = None,
     opt_d: torch.optim.Optimizer | None = None,
+    augment: Augment | None = None,
 ) -> torch.Tensor:
     """One generator update against the (just updated) discriminator; returns the loss.
 
     ``fake`` is ``generator``'s output, still attached to its graph. With feature matching the
     real batch's features come from the same judge (the discriminator, or its unrolled copy).
     The discriminator's weights are frozen for the step; ``history`` adds the
-    historical-averaging penalty.
+    historical-averaging penalty; ``augment`` (DiffAugment) transforms what the judge sees, and
+    the generator learns through it.
     """
     discriminator.requires_grad_(False)
+    augment = augment or (lambda t: t)
     try:
         with autocast(x.device, amp_dtype):
             judge = _judge(discriminator, opt_d, objective, x, fake)
-            gen_logits, gen_features = judge(fake)
+            gen_logits, gen_features = judge(augment(fake))
             real_features = None
             if objective.fm:
                 with torch.no_grad():
-                    _, real_features = judge(x)
+                    _, real_features = judge(augment(x))
             g_loss = objective.generator_loss(real_features, gen_logits, gen_features)
             g_loss = objective.with_history(g_loss, generator, history)
         opt_g.zero_grad(set_to_none=True)
