@@ -14,7 +14,7 @@ from conftest import FIXTURE
 
 from carsynth import report_html, storage
 from carsynth.training import TrainConfig, train
-from carsynth.validation import ValidationConfig, validate_frames, write_report
+from carsynth.validation import ValidationConfig, real_splits, validate_frames, write_report
 
 torch.set_num_threads(1)
 
@@ -67,9 +67,12 @@ def test_run_page_embeds_the_curves_and_every_sample_grid(run):
 
 def test_validation_page_embeds_every_figure_and_renders_report_json(tmp_path):
     with storage.open_frame_file(FIXTURE) as f:
-        frames = f.frames[:600]
-    config = ValidationConfig(k=5, pca_fit_samples=200, ndb_fit_samples=200)
-    result = validate_frames(frames[:400], frames[400:500], frames[500:600], config)
+        train, train_episodes, holdout, holdout_episodes = real_splits(f)
+    config = ValidationConfig(k=10, pca_fit_samples=200, ndb_fit_samples=200, reps=200,
+                              reference_frames=500)  # fmt: skip
+    result = validate_frames(
+        train, train_episodes, holdout, holdout_episodes, np.concatenate([train, train]), config
+    )
     report = write_report(result, tmp_path / "report")
     page = Page((report / "report.html").read_text())
     pictures = sorted(report.glob("*.png"))

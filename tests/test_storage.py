@@ -108,7 +108,7 @@ def test_the_one_split_gives_whole_v2_episodes_with_their_final_observation(tmp_
                                                      "holdout": [(14, 18)]}  # fmt: skip
         assert list(f.episode_mask("holdout", holdout_seeds=[2])) == [False, False, True]
         assert f.frame_ranges("train") == f.split_ranges()["train"]
-        train, holdout, _ = real_splits(f)
+        train, _, holdout, _ = real_splits(f)
     np.testing.assert_array_equal(holdout, episodes[1].observations)
     np.testing.assert_array_equal(
         train, np.concatenate([episodes[0].observations, episodes[2].observations])

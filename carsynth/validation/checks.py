@@ -81,7 +81,7 @@ class ValidationConfig:
         """A setting that would switch a check off (0 PCA dimensions, a 0-pixel resolution, too
         few null replicates for the level) is a UsageError naming its flag."""
         at_least = {
-            "k": 2, "ndb_resolution": 4, "ndb_fit_samples": self.k, "kmeans_iters": 1,
+            "k": 2, "ndb_resolution": 4, "ndb_fit_samples": 2, "kmeans_iters": 1,
             "nn_resolution": 4, "pca_dims": 1, "pca_fit_samples": 2, "reference_frames": 2,
             "density_k": 1, "pairs": 1, "seed": 0, "reps": math.ceil(8 / self.level),
         }  # fmt: skip
@@ -89,6 +89,11 @@ class ValidationConfig:
             if getattr(self, name) < least:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, "
                                  f"got {getattr(self, name)}")  # fmt: skip
+        if self.k > self.ndb_fit_samples:
+            raise UsageError(
+                f"--k {self.k}: more than --ndb-fit-samples {self.ndb_fit_samples} "
+                f"(K-means needs at least K frames to fit)"
+            )
         for name in ("ndb_resolution", "nn_resolution"):
             if getattr(self, name) > 512:
                 raise UsageError(f"--{name.replace('_', '-')} must be at most 512")
