@@ -15,9 +15,13 @@ import subprocess
 import pytest
 import torch
 from conftest import FIXTURE
-from test_bad_inputs import read_only_folder, real_file, snapshot
+from test_bad_inputs import (
+    assert_one_line_exit_2_nothing_written,
+    read_only_folder,
+    real_file,
+)
 
-from carsynth import cli, storage
+from carsynth import storage
 from carsynth.training import TrainConfig, train
 
 torch.set_num_threads(1)
@@ -189,11 +193,4 @@ CASES = [
 
 @pytest.mark.parametrize(("command", "message"), CASES, ids=[c for c, _ in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_written(world, capsys, command, message):
-    before = snapshot(world)
-    code = cli.main(command.format(d=world).split())
-    err = capsys.readouterr().err
-    assert code == 2, err
-    (line,) = err.splitlines()
-    assert line.startswith(f"carsynth: error: {message.format(d=world)}"), line
-    assert "Traceback" not in err and "weights_only=False" not in err
-    assert snapshot(world) == before
+    assert_one_line_exit_2_nothing_written(world, capsys, command, message)
