@@ -132,12 +132,15 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
         proc = subprocess.Popen([sys.executable, "-m", "carsynth", *flags(config), "--resume"],
                                 cwd=ROOT, env=ENV, stderr=subprocess.DEVNULL)  # fmt: skip
         deadline = time.monotonic() + 120
-        if i:  # wait until this process has trained past the last kill, then a random moment
+        if i:  # train to a random step past the last kill (leaving steps for the kills still to
+            # come, whatever the machine's speed), then kill within the next step or so
+            low = reached[-1] + 1
+            target = rng.randint(low, max(low, STEPS - 2 * (8 - i)))
             while (max([int(p.stem[5:]) for p in rundir.checkpoints(config.out)] or [0])
-                   <= reached[-1]):  # fmt: skip
+                   < target):  # fmt: skip
                 assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.2) if i else rng.uniform(0.3, 1.0))
+                time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.01) if i else rng.uniform(0.3, 1.0))
         proc.kill()
         proc.wait()
         for checkpoint in rundir.checkpoints(config.out):
