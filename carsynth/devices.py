@@ -1,4 +1,5 @@
-"""The one device resolver: every command's ``--device`` goes through :func:`resolve_device`."""
+"""The one device resolver: every command's ``--device`` goes through :func:`resolve_device`,
+and every ``--amp`` through :func:`autocast_dtype`."""
 
 from __future__ import annotations
 
@@ -46,3 +47,27 @@ def resolve_device(
     if device.type == "cuda" and device.index is None and dist.is_initialized():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: CUDA, or a CPU with AVX512-BF16 or
+    AMX (oneDNN then runs bf16 convolutions about 1.7x faster than float32, scripts/bench_train.py
+    --cpu-levers); elsewhere bf16 on the CPU is emulated and slower than float32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype of ``--amp`` ("auto", "bf16", "fp16" or "off", checked by the
+    command's config) on ``device``; ``None``: full precision.
+
+    "auto" is bf16 where the hardware has it (:func:`native_bf16`), else off; fp16 needs a
+    gradient scaler, which the caller makes when this returns float16.
+    """
+    if amp == "auto":
+        amp = "bf16" if native_bf16(device) else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)

@@ -188,3 +188,19 @@ def test_cli_flags_train_and_refuse(fixture_file: Path, tmp_path: Path) -> None:
     saved = json.loads((out / "config.json").read_text())["config"]
     assert saved["diffaugment"] == "color,translation,cutout" and saved["spectral_norm"]
     assert (saved["lr_g"], saved["lr_d"], saved["fm_moments"]) == (1e-4, 4e-4, 2)
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch) -> None:
+    # bf16 on a CPU without AVX512-BF16/AMX is emulated and slower than float32: auto keeps it off
+    from carsynth import devices
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert devices.autocast_dtype("auto", cuda) == torch.bfloat16
+    assert devices.autocast_dtype("off", cuda) is None
+    assert devices.autocast_dtype("fp16", cpu) == torch.float16
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert devices.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+        assert devices.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert devices.autocast_dtype("auto", torch.device("mps")) is None

@@ -90,9 +90,10 @@ class TrainConfig:
     # hardware
     device: str = option("auto", "auto (cuda, then mps, then cpu), cuda, mps or cpu")
     amp: Literal["auto", "bf16", "fp16", "off"] = option(
-        "auto", "mixed precision: auto (bf16 on CUDA), bf16, fp16 or off"
-    )
-    channels_last: bool = option(True, "NHWC memory layout on CUDA (faster convolutions)")
+        "auto", "mixed precision: auto (bf16 on CUDA and on CPUs with native bf16), bf16, "
+        "fp16 or off",
+    )  # fmt: skip
+    channels_last: bool = option(True, "NHWC memory layout (faster convolutions)")
     compile: bool = option(False, "torch.compile both networks (slow start, faster steps)")
     # EMA generator, used for samples and export
     ema_decay: float = option(0.999, "EMA generator decay, warmed up as min(d, (1+t)/(10+t))")

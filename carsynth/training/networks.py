@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carsynth.devices import autocast_dtype
 from carsynth.files import to_float
 from carsynth.models import Discriminator, Generator
 from carsynth.training.config import TrainConfig
@@ -44,7 +45,7 @@ class Networks:
             norm=c.loss == "bce",
             spectral_norm=c.spectral_norm,
         ).to(device)
-        channels_last = c.channels_last and device.type == "cuda"
+        channels_last = c.channels_last
         if channels_last:
             generator.to(memory_format=torch.channels_last)
             discriminator.to(memory_format=torch.channels_last)
@@ -53,9 +54,8 @@ class Networks:
         lr_g, lr_d = c.learning_rates
         opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(beta1, beta2))
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=(beta1, beta2))
-        amp = c.amp if c.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        amp_dtype = autocast_dtype(c.amp, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         history = None
         if c.historical_weight:
             history = {
