@@ -23,23 +23,48 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+class LowPass(nn.Module):
+    """The separable binomial filter [1, 2, 1] x [1, 2, 1] / 16 on every channel, edges
+    replicated (so a flat image stays flat up to its border).
+
+    After a stride-2 transposed convolution it removes the checkerboard pattern that the uneven
+    overlap of the kernel leaves (Odena et al. 2016, "Deconvolution and Checkerboard
+    Artifacts"), the way StyleGAN filters every upsampling (Karras et al. 2019; Zhang 2019,
+    "Making Convolutional Networks Shift-Invariant Again"). It has no weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (taps[:, None] * taps[None, :] / 16)[None, None],
+                             persistent=False)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        x = nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+        kernel = self.kernel.to(x.dtype).expand(channels, 1, 3, 3)
+        return nn.functional.conv2d(x, kernel, groups=channels)
+
+
 class Generator(nn.Module):
     """z (B, nz, 1, 1) -> image (B, 3, 64, 64) in [-1, 1].
 
     Transposed convolutions double the size 4 -> 8 -> 16 -> 32 -> 64 while halving the width
     ngf*8 -> ngf; batch norm and ReLU between them, tanh at the output (Radford et al. 2015).
+    ``lowpass=True`` follows each of the four stride-2 transposed convolutions by
+    :class:`LowPass`.
     """
 
-    def __init__(self, nz: int = 100, ngf: int = 64) -> None:
+    def __init__(self, nz: int = 100, ngf: int = 64, lowpass: bool = False) -> None:
         super().__init__()
-        self.nz, self.ngf = nz, ngf
+        self.nz, self.ngf, self.lowpass = nz, ngf, lowpass
+
+        def upsample(cin: int, cout: int) -> list[nn.Module]:
+            conv = nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)
+            return [conv, LowPass()] if lowpass else [conv]
 
         def up(cin: int, cout: int) -> list[nn.Module]:
-            return [
-                nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(True),
-            ]
+            return [*upsample(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(True)]
 
         self.net = nn.Sequential(
             nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False),  # 1x1 -> 4x4
@@ -48,7 +73,7 @@ class Generator(nn.Module):
             *up(ngf * 8, ngf * 4),  # 8x8
             *up(ngf * 4, ngf * 2),  # 16x16
             *up(ngf * 2, ngf),  # 32x32
-            nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False),  # 64x64
+            *upsample(ngf, 3),  # 64x64
             nn.Tanh(),
         )
         self.apply(init_weights)

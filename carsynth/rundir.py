@@ -201,7 +201,7 @@ def load_generator(
     config = read_run_config(run_dir)["config"]
 
     def build(state: dict[str, Any]) -> Generator:
-        generator = Generator(config["nz"], config["ngf"])
+        generator = Generator(config["nz"], config["ngf"], config.get("lowpass", False))
         try:
             generator.load_state_dict(state["ema"])
         except (RuntimeError, TypeError, AttributeError):

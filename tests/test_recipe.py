@@ -204,3 +204,41 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch) -> N
         assert devices.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
         assert devices.autocast_dtype("bf16", cpu) == torch.bfloat16
     assert devices.autocast_dtype("auto", torch.device("mps")) is None
+
+
+def test_lowpass_is_the_binomial_filter_by_hand() -> None:
+    from carsynth.models import LowPass
+
+    blur = LowPass()
+    impulse = torch.zeros(1, 1, 5, 5)
+    impulse[0, 0, 2, 2] = 16.0
+    expected = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]])
+    assert torch.equal(blur(impulse)[0, 0, 1:4, 1:4], expected)
+    assert blur(impulse).sum() == 16.0  # the filter keeps the mean
+    flat = torch.full((2, 3, 6, 6), 0.7)
+    assert torch.allclose(blur(flat), flat)  # replicated edges: no dark border
+    # a checkerboard (+1/-1 from pixel to pixel) has no energy left inside the frame
+    checker = (torch.arange(6)[:, None] + torch.arange(6)[None, :]) % 2 * 2.0 - 1.0
+    assert blur(checker[None, None])[0, 0, 1:-1, 1:-1].abs().max() == 0
+
+
+def test_lowpass_runs_train_resume_and_export_with_their_filter(
+    fixture_file: Path, tmp_path: Path
+) -> None:
+    from carsynth.models import Generator, LowPass
+    from carsynth.rundir import load_generator
+
+    config = TrainConfig(data=str(fixture_file), out=str(tmp_path / "run"), nz=8, ngf=8, ndf=8,
+                         batch_size=16, steps=2, fm=True, lowpass=True, progress=False,
+                         device="cpu")  # fmt: skip
+    run = train(config)
+    generator = load_generator(run)
+    assert sum(isinstance(m, LowPass) for m in generator.modules()) == 4
+    assert not any("kernel" in key for key in generator.state_dict())  # nothing new to save
+    # the filter adds no weights
+    plain = Generator(8, 8)
+    assert [p.shape for p in generator.parameters()] == [p.shape for p in plain.parameters()]
+    with pytest.raises(UsageError, match="differ from the run: \\['lowpass'\\]"):
+        train(replace(config, steps=3, resume=True, lowpass=False))
+    resumed = load_generator(train(replace(config, steps=3, resume=True)))
+    assert sum(isinstance(m, LowPass) for m in resumed.modules()) == 4

@@ -41,6 +41,10 @@ class TrainConfig:
     nz: int = option(100, "latent size")
     ngf: int = option(64, "generator width (channels of its last hidden layer)")
     ndf: int = option(64, "discriminator width (channels of its first layer)")
+    lowpass: bool = option(
+        False, "a [1,2,1] binomial filter after each upsampling of G (no checkerboard; "
+        "Odena et al. 2016, as StyleGAN)",
+    )  # fmt: skip
     # generator objective
     fm: bool = option(False, "feature-matching generator loss (Salimans et al. 2016)")
     fm_layer: int = option(4, "discriminator block (1..4) whose features are matched; 4 = last")

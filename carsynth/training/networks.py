@@ -36,7 +36,7 @@ class Networks:
     def build(cls, c: TrainConfig, device: torch.device) -> Networks:
         """Fresh networks seeded by ``c.seed`` (DCGAN init), optimisers and precision settings."""
         torch.manual_seed(c.seed)
-        generator = Generator(c.nz, c.ngf).to(device)
+        generator = Generator(c.nz, c.ngf, c.lowpass).to(device)
         discriminator = Discriminator(
             c.ndf,
             c.fm_layer,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from carsynth import files
-from carsynth.validation.checks import ValidationConfig, ValidationResult, validate_frames
+from carsynth.validation.checks import ValidationConfig, validate_frames
 
 CURVE_PANELS = (  # (key, title, log scale): what :func:`plot_curves` draws
     ("ndb", "NDB test: mean z^2 (band dashed)", True),
@@ -23,12 +23,13 @@ CURVE_PANELS = (  # (key, title, log scale): what :func:`plot_curves` draws
 )
 
 
-def gate_numbers(result: ValidationResult) -> dict[str, Any]:
-    """The verdict, the failed tests' names, each test's statistic and band, JS and NDB/K."""
-    tests = result.to_dict()["tests"]
+def gate_numbers(report: dict[str, Any]) -> dict[str, Any]:
+    """The verdict, the failed tests' names, each test's statistic and band, JS and NDB/K, of a
+    validation ``report`` (``ValidationResult.to_dict()``, or a report.json read back)."""
+    tests = report["tests"]
     return {
-        "passed": result.passed,
-        "failed": [line.split(":")[0] for line in result.failures],
+        "passed": report["passed"],
+        "failed": [line.split(":")[0] for line in report["failures"]],
         "ndb": tests["ndb"]["statistic"], "ndb_band": tests["ndb"]["band"],
         "sharpness": tests["sharpness"]["statistic"], "sharpness_band": tests["sharpness"]["band"],
         "collapse": tests["collapse"]["statistic"], "copying": tests["copying"]["statistic"],
@@ -58,7 +59,7 @@ def judge_checkpoints(
         generator = rundir.load_generator(run_dir, "cpu", checkpoint)
         fake = generate_frames(generator, seed, 0, samples)
         result = validate_frames(*real, fake, config or ValidationConfig(seed=seed))
-        curve.append({"step": step, "images": step * batch, **gate_numbers(result)})
+        curve.append({"step": step, "images": step * batch, **gate_numbers(result.to_dict())})
     return curve
 
 
