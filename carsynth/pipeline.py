@@ -60,21 +60,21 @@ PRESETS: dict[str, Preset] = {
         export=dict(num=200, batch_size=100),
         validation=dict(k=5),
     ),
-    # 2-core CPU, at most 15 minutes end to end: 3,600 steps are about 11 minutes of training
-    # on the idle box (bf16 autocast, channels_last), with about a minute each for the
-    # collection and for sampling, validation and export (README, "Recipes").
+    # 2-core CPU, at most 15 minutes end to end: 3,000 steps are about 11 minutes of training
+    # on the idle box (about 290 images/s with bf16 autocast and channels_last), with about a
+    # minute each for the collection and for sampling, validation and export (README, "Recipes").
     "quick": Preset(
-        description="CPU-sized: 48 episodes (~14k frames), fm lr 5e-4, ngf=ndf=32, 3,600 steps, "
+        description="CPU-sized: 48 episodes (~14k frames), fm lr 5e-4, ngf=ndf=32, 3,000 steps, "
         "10k frames",
         collect=dict(episodes=48, max_steps=350, workers=0),
         train=dict(
             **RECIPE,
-            steps=3600,
+            steps=3000,
             batch_size=64,
             ngf=32,
             ndf=32,
-            sample_interval=400,
-            checkpoint_interval=400,
+            sample_interval=500,
+            checkpoint_interval=500,
         ),
         export=dict(num=10_000),
     ),
