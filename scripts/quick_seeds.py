@@ -87,6 +87,35 @@ def markdown(rows: list[dict[str, Any]], preset: str) -> str:
     return "\n".join(lines)
 
 
+def extrapolate(curve: list[dict[str, Any]], key: str, target: float, skip: int = 1) -> dict:
+    """A power law ``key`` = c * images^b fitted (least squares in log-log) to the curve's points
+    after the first ``skip``, and the training images at which it would reach ``target``
+    (``None`` when the fitted law does not fall, or a point is not positive)."""
+    points = [(p["images"], p[key]) for p in curve[skip:]]
+    if len(points) < 2 or min(v for _, v in points) <= 0:
+        return {"exponent": None, "images": None}
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    slope, intercept = np.polyfit(x, y, 1)
+    images = float(np.exp((np.log(target) - intercept) / slope)) if slope < 0 else None
+    return {"exponent": float(slope), "images": images}
+
+
+def budget_lines(rows: list[dict[str, Any]]) -> str:
+    """Per seed: where the fitted power laws of the NDB and sharpness statistics reach the upper
+    end of their real-data bands (the first judged checkpoint left out of the fit)."""
+    lines = []
+    for r in rows:
+        parts = []
+        for key, band in (("ndb", "ndb_band"), ("sharpness", "sharpness_band")):
+            fit = extrapolate(r["curve"], key, r[band][1])
+            r[f"{key}_fit"] = fit
+            reach = f"{fit['images'] / 1e6:.2f}M images" if fit["images"] else "not reached"
+            slope = f"{fit['exponent']:.2f}" if fit["exponent"] is not None else "-"
+            parts.append(f"{key} ~ images^{slope}, band reached at {reach}")
+        lines.append(f"- seed {r['seed']}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from carsynth.validation.curve import judge_checkpoints, plot_curves
 
@@ -96,11 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="quick", help="carsynth.pipeline preset")
     p.add_argument("--every", type=int, default=400, help="steps between judged checkpoints")
     p.add_argument("--samples", type=int, default=10_000, help="frames judged per checkpoint")
+    p.add_argument("--report-only", action="store_true", help="redraw from results.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     rows = []
+    if args.report_only:
+        rows = json.loads((out / "results.json").read_text())["rows"]
     try:
-        for seed in args.seeds:
+        for seed in [] if args.report_only else args.seeds:
             row = run_seed(out / f"s{seed}", args.preset, seed, args.every)
             run_dir = out / f"s{seed}" / "train"
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
@@ -110,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"quick_seeds: error: {error}", file=sys.stderr)
         return 2
-    table = markdown(rows, args.preset)
+    table = markdown(rows, args.preset) + "\n\n" + budget_lines(rows)  # adds the fits to rows
     record = {"preset": args.preset, "every": args.every, "samples": args.samples, "rows": rows}
     files.atomic_write(out / "results.json",
                        lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))  # fmt: skip
