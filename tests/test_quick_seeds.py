@@ -15,7 +15,8 @@ from carsynth.errors import UsageError
 qs = load_script("quick_seeds")
 
 
-def test_only_the_kept_checkpoints_differ_from_the_preset(tmp_path: Path) -> None:
+def test_only_the_kept_checkpoints_differ_from_the_preset(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline, "PRESETS", dict(pipeline.PRESETS))  # the script adds one
     config = qs.pipeline_config(tmp_path, "quick", seed=2, every=250)
     assert config.seed == 2 and config.out == str(tmp_path)
     quick, kept = pipeline.PRESETS["quick"], pipeline.PRESETS[config.preset]
