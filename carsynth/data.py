@@ -322,9 +322,17 @@ class FrameDataset(_FileReader):
             frames[mine] = self._rows(int(k), rows[mine])
         return _pixels(frames, self.dtype)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = self._read([index])[0]
-        return image if self.transform is None else self.transform(image)
+    def __getitem__(self, index: int | Sequence[int]) -> torch.Tensor:
+        """Item ``index`` (3, H, W); for a sequence of indices, those items as one tensor
+        (n, 3, H, W). The second serves ``DataLoader(dataset, sampler=a batch sampler,
+        batch_size=None)``: a worker then hands over each batch as one tensor, not a list of
+        items that the DataLoader stacks (faster with workers: README.md, "Loader speed")."""
+        if isinstance(index, (int, np.integer)):
+            image = self._read([index])[0]
+            return image if self.transform is None else self.transform(image)
+        if self.transform is None:
+            return self._read(index).contiguous()
+        return torch.stack(self.__getitems__(index))
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
         images = list(self._read(indices))

@@ -143,19 +143,27 @@ def test_two_workers_read_every_frame_once_from_the_cache(tmp_path):
     dataset[0]  # the parent maps the cache before the workers fork: they map their own
     state = pickle.loads(pickle.dumps(dataset)).__dict__  # spawn workers: paths, no maps
     assert state["_maps"] == {} and state["_caches"] == dataset._caches
-    sampler = ChunkBatchSampler(dataset, batch_size=64, seed=1, num_replicas=1, rank=0)
-    frames = torch.cat(list(DataLoader(dataset, batch_sampler=sampler, num_workers=2)))
-    expected = FrameDataset(FIXTURE, split="train", dtype="uint8", cache=False)._read(
-        range(len(dataset))
-    )
-    assert frames.shape == expected.shape == (1400, 3, 64, 64)
+    expected = FrameDataset(FIXTURE, split="train", dtype="uint8", cache=False)
+    expected = expected._read(range(len(dataset)))
 
-    # The same multiset of frames: sort both by their bytes.
-    def ordered(x):
+    def ordered(x):  # the frames sorted by their bytes: equal multisets give equal arrays
         flat = x.reshape(len(x), -1).numpy()
         return flat[np.lexsort(flat.T[::-1])]
 
-    np.testing.assert_array_equal(ordered(frames), ordered(expected))
+    sampler = ChunkBatchSampler(dataset, batch_size=64, seed=1, num_replicas=1, rank=0)
+    for loader in (
+        DataLoader(dataset, batch_sampler=sampler, num_workers=2),
+        DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=2),  # a tensor a batch
+    ):
+        batches = list(loader)
+        assert [len(b) for b in batches] == [64] * 21 + [56]
+        frames = torch.cat(batches)
+        assert frames.shape == expected.shape == (1400, 3, 64, 64)
+        np.testing.assert_array_equal(ordered(frames), ordered(expected))
+    # A sequence of indices gives those items as one tensor, in order, transform applied.
+    doubled = FrameDataset(FIXTURE, split="train", dtype="uint8", transform=lambda x: x // 2)
+    assert torch.equal(dataset[[5, 3, 5]], expected[[5, 3, 5]])
+    assert torch.equal(doubled[np.array([7, 0])], expected[[7, 0]] // 2)
 
 
 def slow_rows(frame_file_rows, delay):
