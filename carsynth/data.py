@@ -324,9 +324,9 @@ class FrameDataset(_FileReader):
 
     def __getitem__(self, index: int | Sequence[int]) -> torch.Tensor:
         """Item ``index`` (3, H, W); for a sequence of indices, those items as one tensor
-        (n, 3, H, W). The second serves ``DataLoader(dataset, sampler=a batch sampler,
-        batch_size=None)``: a worker then hands over each batch as one tensor, not a list of
-        items that the DataLoader stacks (faster with workers: README.md, "Loader speed")."""
+        (n, 3, H, W): a training loop that draws its own indices reads a batch in one call, at
+        the in-memory rate from the frame cache (README.md, "Loader speed"). It also serves
+        ``DataLoader(dataset, sampler=a batch sampler, batch_size=None)``."""
         if isinstance(index, (int, np.integer)):
             image = self._read([index])[0]
             return image if self.transform is None else self.transform(image)
@@ -365,7 +365,9 @@ def _distributed(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
 class ChunkBatchSampler(Sampler[list[int]]):
     """Shuffled batches of a :class:`FrameDataset` that decompress each chunk about once.
 
-    A frame read alone costs the decompression of its whole chunk (``storage.FRAME_CHUNK`` = 8
+    For a dataset without a frame cache (``cache=False``): reads from the cache cost the same in
+    any order, so there a per-frame shuffle (``shuffle=True``) is as fast. A frame read alone
+    from the file costs the decompression of its whole chunk (``storage.FRAME_CHUNK`` = 8
     frames), so a per-frame shuffle decompresses 8 frames per frame used. This sampler shuffles
     chunks instead, then frames within a small group of them: each epoch it permutes the
     dataset's :meth:`~FrameDataset.chunks` (seeded by ``seed`` and the epoch), deals them

@@ -16,7 +16,8 @@ a memory-mapped, channels-first ``.npy`` file). This script measures, through a
   a batch as one tensor instead of a list of items that the DataLoader stacks; and "file_system
   sharing", workers that hand their batches over as named shared-memory files
   (``torch.multiprocessing.set_sharing_strategy("file_system")`` in ``worker_init_fn``) instead
-  of passing a file descriptor per batch through a socket (torch's default);
+  of passing a file descriptor per batch through a socket (torch's default); and, as the
+  ceiling, "dataset[batch], no DataLoader": a loop reading ``dataset[indices]`` itself;
 
 each beside the same loader over the same data in memory (a ``TensorDataset`` of a contiguous
 (N, 3, 64, 64) tensor for frames, a plain Dataset slicing in-memory episodes for windows; 0 and
@@ -27,9 +28,9 @@ The file is a schema-2 real file of ``--episodes`` episodes of ``--steps`` steps
 fixture's frames (so it compresses like real frames), read while the OS page cache is warm: the
 numbers are decompression + DataLoader costs, not disk speed. The cache is built before the
 timing (its build time is reported separately). The machine is shared and timings are noisy, so
-every configuration is timed once per round, ``--repeats`` rounds in turn (each pass: up to
-``--seconds`` or one epoch, from the first batch on, worker start-up excluded), and the table
-gives each configuration's median.
+every configuration is timed once per round, in a new random order each round, ``--repeats``
+rounds (each pass: up to ``--seconds`` or one epoch, from the first batch on, worker start-up
+excluded), and the table gives each configuration's median.
 
     python3 scripts/bench_data.py --json bench_data.json
 """
@@ -43,7 +44,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,20 @@ def build_file(path: Path, source: Path, episodes: int, steps: int) -> None:
                     truncations=np.arange(steps) == steps - 1,
                 )
             )
+
+
+class MemoryBatches(Dataset):
+    """The in-memory baseline for ``dataset[indices]``: a NumPy gather of whole rows (torch's
+    advanced indexing of a uint8 tensor measured 5x slower here, not a fair baseline)."""
+
+    def __init__(self, pixels: torch.Tensor) -> None:
+        self.array = pixels.numpy()
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, indices: list[int]) -> torch.Tensor:
+        return torch.from_numpy(self.array[indices])
 
 
 class MemoryWindows(Dataset):
@@ -123,9 +138,21 @@ def file_system_sharing(worker: int) -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")
 
 
+def without_loader(dataset: Dataset, batch: int) -> Iterator:
+    """Shuffled batches read as ``dataset[indices]`` in this process, without a DataLoader."""
+    order = torch.randperm(len(dataset)).tolist()
+    for at in range(0, len(order), batch):
+        yield dataset[order[at : at + batch]]
+
+
 def loader_factory(dataset: Dataset, batch: int, workers: int, how: str) -> Callable:
-    """A DataLoader maker: ``how`` is "per-frame shuffle" / "shuffle", "one tensor per batch",
-    "file_system sharing" or "chunks, mix=M" (ChunkBatchSampler)."""
+    """A loader maker: ``how`` is "per-frame shuffle" / "shuffle", "one tensor per batch",
+    "file_system sharing", "dataset[batch], no DataLoader" or "chunks, mix=M"
+    (ChunkBatchSampler)."""
+    if how == "dataset[batch], no DataLoader":
+        if isinstance(dataset, TensorDataset):
+            dataset = MemoryBatches(dataset.tensors[0])
+        return lambda: without_loader(dataset, batch)
     if how == "file_system sharing":
         return lambda: DataLoader(
             dataset, batch, shuffle=True, num_workers=workers, worker_init_fn=file_system_sharing
@@ -152,12 +179,14 @@ def frame_configs(path: Path, cache: Path) -> list[tuple[dict, Callable]]:
             "file": FrameDataset(path, dtype=dtype, cache=False),
         }
         for source, dataset in sources.items():
-            orders = ["per-frame shuffle"]
-            if source == "file":
-                orders += ["chunks, mix=8", "chunks, mix=1"]
             for workers in (0, 2):
-                faster = ["one tensor per batch", "file_system sharing"]
-                hows = orders + (faster if workers and source != "file" else [])
+                hows = ["per-frame shuffle"]
+                if source == "file":
+                    hows += ["chunks, mix=8", "chunks, mix=1"]
+                elif workers:  # other ways to hand batches over
+                    hows += ["one tensor per batch", "file_system sharing"]
+                else:
+                    hows += ["dataset[batch], no DataLoader"]
                 for how in hows:
                     fields = {"kind": "frames", "dtype": dtype, "source": source}
                     fields |= {"order": how, "workers": workers, "per_batch": FRAME_BATCH}
@@ -183,12 +212,14 @@ def window_configs(path: Path, cache: Path) -> list[tuple[dict, Callable]]:
 
 
 def measure(configs: list[tuple[dict, Callable]], args: argparse.Namespace) -> list[dict]:
-    """Every configuration once per round, ``args.repeats`` rounds; rows with the median rate
-    and its ratios to the in-memory loader of the same data and dtype (0 and same workers)."""
+    """Every configuration once per round, in random order, ``args.repeats`` rounds; rows with
+    the median rate and its ratios to the in-memory loader of the same data and dtype (0 and
+    the same workers)."""
     passes: list[list[float]] = [[] for _ in configs]
+    rng = np.random.default_rng(0)
     for round_ in range(args.repeats):
-        for speeds, (_, make_loader) in zip(passes, configs, strict=True):
-            speeds.append(one_pass(make_loader, args.seconds))
+        for i in rng.permutation(len(configs)):  # a new order each round: no fixed neighbours
+            passes[i].append(one_pass(configs[i][1], args.seconds))
         print(f"round {round_ + 1}/{args.repeats} done", flush=True)
     rows = []
     for speeds, (fields, _) in zip(passes, configs, strict=True):
