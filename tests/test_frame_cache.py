@@ -19,8 +19,15 @@ from conftest import FIXTURE
 from test_data import LENGTHS, v2_episode
 from torch.utils.data import DataLoader
 
-from carsynth import frame_cache, storage
+from carsynth import data, frame_cache, storage
 from carsynth.data import ChunkBatchSampler, FrameDataset, TransitionDataset, WindowDataset
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """carsynth.data warns once per file and process: keep this file's warnings to itself, so a
+    later test that expects the fixture's version-1 warning still sees it."""
+    monkeypatch.setattr(data, "_warned", set())
 
 
 @pytest.fixture
