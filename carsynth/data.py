@@ -327,7 +327,7 @@ class FrameDataset(_FileReader):
         (n, 3, H, W): a training loop that draws its own indices reads a batch in one call, at
         the in-memory rate from the frame cache (README.md, "Loader speed"). It also serves
         ``DataLoader(dataset, sampler=a batch sampler, batch_size=None)``."""
-        if isinstance(index, (int, np.integer)):
+        if np.ndim(index) == 0:  # an int, a NumPy integer, a 0-d tensor
             image = self._read([index])[0]
             return image if self.transform is None else self.transform(image)
         if self.transform is None:

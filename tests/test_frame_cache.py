@@ -170,6 +170,7 @@ def test_two_workers_read_every_frame_once_from_the_cache(tmp_path):
     # A sequence of indices gives those items as one tensor, in order, transform applied.
     doubled = FrameDataset(FIXTURE, split="train", dtype="uint8", transform=lambda x: x // 2)
     assert torch.equal(dataset[[5, 3, 5]], expected[[5, 3, 5]])
+    assert torch.equal(dataset[torch.tensor(4)], expected[4])  # a scalar is one item
     assert torch.equal(doubled[np.array([7, 0])], expected[[7, 0]] // 2)
 
 
