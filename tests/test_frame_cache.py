@@ -200,10 +200,11 @@ def build(folder, log):
 
 def test_concurrent_builds_build_once_and_a_killed_build_leaves_no_cache(tmp_path, monkeypatch):
     folder, log = tmp_path / "cache", tmp_path / "builds.log"
-    monkeypatch.setattr(frame_cache, "BLOCK_FRAMES", 64)  # 25 blocks of 0.05 s: about 1.3 s
-    monkeypatch.setattr(storage.FrameFile, "rows", slow_rows(storage.FrameFile.rows, 0.05))
+    monkeypatch.setattr(frame_cache, "BLOCK_FRAMES", 64)  # 25 blocks
+    rows = storage.FrameFile.rows
+    monkeypatch.setattr(storage.FrameFile, "rows", slow_rows(rows, 0.5))  # about 12 s
     fork = multiprocessing.get_context("fork")
-    # SIGKILL a build half way: no cache visible, only its temporary file.
+    # SIGKILL a build early on: no cache visible, only its temporary file.
     killed = fork.Process(target=build, args=(folder, log))
     killed.start()
     deadline = time.monotonic() + 30
@@ -215,6 +216,7 @@ def test_concurrent_builds_build_once_and_a_killed_build_leaves_no_cache(tmp_pat
     assert caches(folder) == [] and len(list(folder.glob(".*.tmp"))) == 1
     # Two builders at once: one builds (and removes the killed one's file), the other waits.
     log.unlink()
+    monkeypatch.setattr(storage.FrameFile, "rows", slow_rows(rows, 0.05))  # about 1.3 s
     both = [fork.Process(target=build, args=(folder, log)) for _ in range(2)]
     for p in both:
         p.start()
