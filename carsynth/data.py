@@ -15,6 +15,16 @@ Pixels. Torch items are (3, H, W) tensors: float32 in [0, 1] (pixel value / 255)
 the stored uint8 with ``dtype="uint8"``; :func:`to_float` converts a uint8 batch on the device it
 is given, so a GPU pipeline copies a quarter of the bytes and converts on the GPU.
 
+Frame cache. ``FrameDataset``, ``WindowDataset`` and ``TransitionDataset`` read frames from an
+uncompressed, memory-mapped copy of each file's frames (:mod:`carsynth.frame_cache`), built the
+first time a file is used (one sequential pass) and reused until the file changes: a shuffled
+read then costs what it costs from memory, where a read from the gzip-compressed file
+decompresses its whole chunk. ``cache=True`` (the default) keeps the copies in
+``$CARSYNTH_CACHE``, else ``$XDG_CACHE_HOME/carsynth``, else ``~/.cache/carsynth``; a path
+names another folder; ``cache=False`` reads the compressed file directly. Disk: 12,288 bytes per
+64x64 frame (about 8x the file). A folder that cannot be written costs one warning, and the file
+is read directly. Numbers: README.md, "Loader speed".
+
 Splits. ``split`` is ``None`` or ``"all"``, ``"train"`` or ``"holdout"``: the real files'
 per-episode ``holdout`` flags (the one split of :mod:`carsynth.storage`), so a split holds whole
 episodes. Synthetic files have no episodes and only the ``"all"`` split.
@@ -45,6 +55,7 @@ from torch.utils.data import Dataset, Sampler
 
 from carsynth import files
 from carsynth.errors import UsageError
+from carsynth.frame_cache import CacheSetting, cache_folder, cached_frames
 from carsynth.storage import Episode, FrameFile, Split, open_frame_file
 
 # Chunk cache per open file. A reader of single frames in file order (a DataLoader without
@@ -125,11 +136,19 @@ def to_float(frames: torch.Tensor, device: torch.device | str | None = None) -> 
     return files.to_float(frames.movedim(-3, -1), signed=False, device=device)
 
 
+def _channels_first(frames: np.ndarray) -> np.ndarray:
+    """Stored frames (..., H, W, 3) as a channels-first view (..., 3, H, W), without a copy."""
+    return np.moveaxis(frames, -1, -3)
+
+
 def _pixels(frames: np.ndarray, dtype: PixelType) -> torch.Tensor:
-    """Stored frames uint8 (..., H, W, 3) as a tensor (..., 3, H, W) of ``dtype``."""
-    # A channels-first view: the copy that reorders the bytes happens once, in the DataLoader's
-    # collate (torch.stack) or where the caller makes it contiguous.
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3)
+    """Channels-first uint8 frames (..., 3, H, W) as a tensor of ``dtype``.
+
+    ``frames`` may be a view of stored frames (:func:`_channels_first`): the copy that reorders
+    their bytes then happens once, in the DataLoader's collate (torch.stack) or where the caller
+    makes the tensor contiguous. Frames from a cache are contiguous already.
+    """
+    tensor = torch.from_numpy(frames)
     return tensor if dtype == "uint8" else to_float(tensor)
 
 
@@ -155,28 +174,65 @@ def load_frames(paths: Paths, split: str | None = None, limit: int | None = None
 
 
 class _FileReader(Dataset):
-    """What every dataset here shares: its files, opened lazily once per process, and reads of
-    frame rows in as few slices as possible."""
+    """What every dataset here shares: its files, their frame caches (:mod:`carsynth.frame_cache`),
+    both opened lazily once per process, and reads of frame rows.
+
+    With a cache, rows are read from the memory-mapped copy (any order costs the same); without
+    one, from the HDF5 file in as few slices as possible."""
 
     paths: list[Path]
+    _caches: list[Path | None]
     _files: dict[int, FrameFile]
+    _maps: dict[int, np.ndarray]
     _pid: int | None
+
+    def _add_cache(self, frame_file: FrameFile, cache: CacheSetting) -> None:
+        """Find or build the cache of the next file in ``paths`` (None: read the file itself)."""
+        try:
+            self._caches.append(cached_frames(frame_file, cache))
+        except OSError as error:
+            self._caches.append(None)
+            _warn_once(
+                frame_file.path,
+                f"cannot write its frame cache in {cache_folder(cache)} ({error}); "
+                "reading the compressed file instead (slower)",
+            )
+
+    def _open(self) -> None:
+        """Forget handles opened by another process (the parent before a fork) or none yet."""
+        if self._pid != os.getpid():
+            self._files, self._maps, self._pid = {}, {}, os.getpid()
 
     def _file(self, k: int) -> FrameFile:
         """This process's handle on file ``k``, opened on first use."""
-        if self._pid != os.getpid():
-            # Handles in the dict were opened by the parent before a fork: leave them alone.
-            self._files, self._pid = {}, os.getpid()
+        self._open()
         if k not in self._files:
             self._files[k] = open_frame_file(self.paths[k], cache_bytes=CACHE_BYTES)
         return self._files[k]
 
-    def _rows(self, k: int, rows: np.ndarray) -> np.ndarray:
-        """Frames at ``rows`` of file ``k`` (any order, repeats allowed), uint8 (n, H, W, 3).
+    def _map(self, k: int) -> np.ndarray | None:
+        """This process's memory map of file ``k``'s cache, opened on first use (None: no cache,
+        or it was deleted since the dataset was built: then the file is read, with a warning)."""
+        self._open()
+        if k not in self._maps and self._caches[k] is not None:
+            try:
+                self._maps[k] = np.load(self._caches[k], mmap_mode="r")
+            except (OSError, ValueError) as error:
+                message = f"cannot open its frame cache ({error}); reading the file"
+                _warn_once(self.paths[k], message)
+                self._caches[k] = None
+        return self._maps.get(k)
 
-        The distinct rows are read in sorted order, one slice per contiguous run, so a batch that
-        holds whole chunks decompresses each chunk once.
+    def _rows(self, k: int, rows: np.ndarray) -> np.ndarray:
+        """Frames at ``rows`` of file ``k`` (any order, repeats allowed), channels-first uint8
+        (n, 3, H, W): contiguous from a cache, a view of the stored layout from the file.
+
+        Without a cache, the distinct rows are read in sorted order, one slice per contiguous
+        run, so a batch that holds whole chunks decompresses each chunk once.
         """
+        cached = self._map(k)
+        if cached is not None:
+            return cached[rows]
         unique, inverse = np.unique(rows, return_inverse=True)
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
         frames = self._file(k).frames
@@ -184,11 +240,12 @@ class _FileReader(Dataset):
             parts = [frames[int(run[0]) : int(run[-1]) + 1] for run in np.split(unique, breaks)]
         except (OSError, RuntimeError) as error:
             raise UsageError(f"{self.paths[k]}: cannot read frames (damaged? {error})") from None
-        return np.concatenate(parts)[inverse.reshape(-1)]
+        return _channels_first(np.concatenate(parts)[inverse.reshape(-1)])
 
     def __getstate__(self) -> dict:
-        # Pickled for spawn/forkserver workers: carry the paths and index, never an h5py handle.
-        return {**self.__dict__, "_files": {}, "_pid": None}
+        # Pickled for spawn/forkserver workers: carry the paths, caches' paths and index, never an
+        # h5py handle or a memory map.
+        return {**self.__dict__, "_files": {}, "_maps": {}, "_pid": None}
 
 
 class FrameDataset(_FileReader):
@@ -197,9 +254,11 @@ class FrameDataset(_FileReader):
     Item ``i`` is frame ``i`` of the split, counting through the files in the order given (in a
     version-2 real file an episode's frames include its final observation). ``dtype="float32"``
     (default) gives values in [0, 1], ``"uint8"`` the stored pixels (convert with
-    :func:`to_float` on the GPU). ``transform``, if given, is applied to each item. Batched reads:
-    a DataLoader with a batch size calls ``__getitems__``, which reads each file's rows of the
-    batch in sorted runs; :class:`ChunkBatchSampler` makes those runs whole compressed chunks.
+    :func:`to_float` on the GPU). ``transform``, if given, is applied to each item. ``cache``:
+    where the frames are read from (see the module docstring; default: the frame cache). Batched
+    reads: a DataLoader with a batch size calls ``__getitems__``, which reads the batch's rows at
+    once (without a cache, each file's rows in sorted runs, which :class:`ChunkBatchSampler`
+    makes whole compressed chunks).
 
     The files are checked when the dataset is built (a bad file raises :class:`UsageError` naming
     it); the index holds one row per episode, not per frame, so it stays small for large files.
@@ -211,11 +270,13 @@ class FrameDataset(_FileReader):
         split: str | None = None,
         transform: Transform | None = None,
         dtype: PixelType = "float32",
+        cache: CacheSetting = True,
     ) -> None:
         self.paths = _as_paths(paths)
         self.split = _as_split(split)
         self.transform = transform
         self.dtype = _as_dtype(dtype)
+        self._files, self._maps, self._pid, self._caches = {}, {}, None, []
         # One segment per contiguous run of frames (an episode, or a whole synthetic file).
         seg_file, seg_start, seg_length, seg_chunk = [], [], [], []
         size = None
@@ -223,6 +284,7 @@ class FrameDataset(_FileReader):
             with open_frame_file(path) as frame_file:
                 size = _check_size(frame_file, size)
                 _check_forced(frame_file)
+                self._add_cache(frame_file, cache)
                 chunk = (frame_file.frames.chunks or (1,))[0]
                 for a, b in frame_file.frame_ranges(self.split):
                     seg_file.append(k)
@@ -234,8 +296,6 @@ class FrameDataset(_FileReader):
         self._seg_start = np.asarray(seg_start, dtype=np.int64)
         self._seg_chunk = np.asarray(seg_chunk, dtype=np.int64)
         self._seg_offset = np.concatenate([[0], np.cumsum(seg_length, dtype=np.int64)])
-        self._files: dict[int, FrameFile] = {}
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return int(self._seg_offset[-1])
@@ -251,17 +311,28 @@ class FrameDataset(_FileReader):
         return self._seg_file[seg], self._seg_start[seg] + indices - self._seg_offset[seg]
 
     def _read(self, indices: Sequence[int]) -> torch.Tensor:
-        """Items ``indices`` as one tensor (n, 3, H, W), read file by file in sorted runs."""
+        """Items ``indices`` as one tensor (n, 3, H, W), read file by file."""
         files, rows = self._locate(np.asarray(indices, dtype=np.int64).reshape(-1))
-        frames = np.empty((len(rows), *self.frame_size, 3), dtype=np.uint8)
-        for k in np.unique(files):
+        present = np.unique(files)
+        if len(present) == 1:  # the usual case: no copy into a joint buffer
+            return _pixels(self._rows(int(present[0]), rows), self.dtype)
+        frames = np.empty((len(rows), 3, *self.frame_size), dtype=np.uint8)
+        for k in present:
             mine = files == k
             frames[mine] = self._rows(int(k), rows[mine])
         return _pixels(frames, self.dtype)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = self._read([index])[0]
-        return image if self.transform is None else self.transform(image)
+    def __getitem__(self, index: int | Sequence[int]) -> torch.Tensor:
+        """Item ``index`` (3, H, W); for a sequence of indices, those items as one tensor
+        (n, 3, H, W): a training loop that draws its own indices reads a batch in one call, at
+        the in-memory rate from the frame cache (README.md, "Loader speed"). It also serves
+        ``DataLoader(dataset, sampler=a batch sampler, batch_size=None)``."""
+        if np.ndim(index) == 0:  # an int, a NumPy integer, a 0-d tensor
+            image = self._read([index])[0]
+            return image if self.transform is None else self.transform(image)
+        if self.transform is None:
+            return self._read(index).contiguous()
+        return torch.stack(self.__getitems__(index))
 
     def __getitems__(self, indices: Sequence[int]) -> list[torch.Tensor]:
         images = list(self._read(indices))
@@ -294,7 +365,9 @@ def _distributed(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
 class ChunkBatchSampler(Sampler[list[int]]):
     """Shuffled batches of a :class:`FrameDataset` that decompress each chunk about once.
 
-    A frame read alone costs the decompression of its whole chunk (``storage.FRAME_CHUNK`` = 8
+    For a dataset without a frame cache (``cache=False``): reads from the cache cost the same in
+    any order, so there a per-frame shuffle (``shuffle=True``) is as fast. A frame read alone
+    from the file costs the decompression of its whole chunk (``storage.FRAME_CHUNK`` = 8
     frames), so a per-frame shuffle decompresses 8 frames per frame used. This sampler shuffles
     chunks instead, then frames within a small group of them: each epoch it permutes the
     dataset's :meth:`~FrameDataset.chunks` (seeded by ``seed`` and the epoch), deals them
@@ -490,7 +563,7 @@ def _episode_as_torch(episode: Episode, dtype: PixelType) -> Episode:
     """An episode with tensors: observations (T + 1, 3, H, W) of ``dtype``, the rest as stored."""
     return Episode(
         seed=episode.seed,
-        observations=_pixels(episode.observations, dtype),
+        observations=_pixels(_channels_first(episode.observations), dtype),
         actions=torch.from_numpy(episode.actions),
         rewards=torch.from_numpy(episode.rewards),
         terminations=torch.from_numpy(episode.terminations),
@@ -530,16 +603,20 @@ class _StepReader(_FileReader):
     """A dataset of positions inside episodes: ``(file, first observation row, first step row)``
     per item, and every file's step data held in memory (a few bytes per step)."""
 
-    def _index(self, paths: Paths, split: str | None, what: str, positions: Callable) -> None:
+    def _index(
+        self, paths: Paths, split: str | None, what: str, positions: Callable, cache: CacheSetting
+    ) -> None:
         """Build the index; ``positions(n_obs, n_steps)`` gives the offsets used per episode."""
         self.paths = _as_paths(paths)
         split = _as_split(split)
+        self._files, self._maps, self._pid, self._caches = {}, {}, None, []
         files, obs, steps = [], [], []
         self.steps: list[dict[str, np.ndarray]] = []
         size = None
         for k, path in enumerate(self.paths):
             with open_frame_file(path) as frame_file:
                 size = _check_size(_real_file(frame_file, what), size)
+                self._add_cache(frame_file, cache)
                 self.steps.append(
                     {n: d[: frame_file.num_steps] for n, d in frame_file.steps.items()}
                 )
@@ -551,8 +628,6 @@ class _StepReader(_FileReader):
                     steps.append(row["step_start"] + j)
         self.frame_size: tuple[int, int] | None = size
         self._file_of, self._obs_row, self._step_row = map(_concat, (files, obs, steps))
-        self._files: dict[int, FrameFile] = {}
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return len(self._file_of)
@@ -582,13 +657,18 @@ class WindowDataset(_StepReader):
         split: str | None = None,
         stride: int = 1,
         dtype: PixelType = "float32",
+        cache: CacheSetting = True,
     ) -> None:
         if steps < 1 or stride < 1:
             raise UsageError(f"steps and stride must be at least 1, got {steps} and {stride}")
         self.length, self.stride, self.dtype = steps, stride, _as_dtype(dtype)
         # A window needs steps + 1 observations: it may start at 0 .. n_obs - steps - 1.
         self._index(
-            paths, split, "windows", lambda n_obs, n: np.arange(0, max(n_obs - steps, 0), stride)
+            paths,
+            split,
+            "windows",
+            lambda n_obs, n: np.arange(0, max(n_obs - steps, 0), stride),
+            cache,
         )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -611,10 +691,18 @@ class TransitionDataset(_StepReader):
     of each episode has no next observation there). Batched reads: see :class:`FrameDataset`.
     """
 
-    def __init__(self, paths: Paths, split: str | None = None, dtype: PixelType = "float32"):
+    def __init__(
+        self,
+        paths: Paths,
+        split: str | None = None,
+        dtype: PixelType = "float32",
+        cache: CacheSetting = True,
+    ):
         self.dtype = _as_dtype(dtype)
         # Step t needs observation t + 1: every step in version 2, all but the last in version 1.
-        self._index(paths, split, "transitions", lambda n_obs, n: np.arange(min(n, n_obs - 1)))
+        self._index(
+            paths, split, "transitions", lambda n_obs, n: np.arange(min(n, n_obs - 1)), cache
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
@@ -622,12 +710,12 @@ class TransitionDataset(_StepReader):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         where = [self._where(int(i)) for i in indices]
         files = np.array([w[0] for w in where])
-        observations = np.empty((len(where), 2, *self.frame_size, 3), dtype=np.uint8)
+        observations = np.empty((len(where), 2, 3, *self.frame_size), dtype=np.uint8)
         for k in np.unique(files):
             mine = np.flatnonzero(files == k)
             rows = np.array([where[i][1] for i in mine])
             pairs = self._rows(int(k), np.stack([rows, rows + 1], axis=1).reshape(-1))
-            observations[mine] = pairs.reshape(len(mine), 2, *self.frame_size, 3)
+            observations[mine] = pairs.reshape(len(mine), 2, 3, *self.frame_size)
         pixels = _pixels(observations, self.dtype)
         items = []
         for i, (k, _, s) in enumerate(where):

@@ -109,7 +109,7 @@ class Reader(threading.Thread):
             try:
                 with storage.open_frame_file(self.path) as f:
                     f.read(limit=64)
-                dataset = dataset or FrameDataset(self.path)
+                dataset = dataset or FrameDataset(self.path, cache=False)  # holds the file open
                 if len(dataset):
                     dataset[len(dataset) - 1]
                 self.polls += 1

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +16,16 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "data" / "carracing_small.h5"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def frame_cache_folder(tmp_path_factory) -> Iterator[Path]:
+    """The datasets' frame cache (carsynth.frame_cache) in a folder of this test session, so a
+    test run never writes into the user's ~/.cache (the CLI subprocesses inherit it too)."""
+    folder = tmp_path_factory.mktemp("frame_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CARSYNTH_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -284,7 +284,7 @@ def test_readers_and_a_second_writer_never_disturb_a_collect(tmp_path):
         except UsageError as error:
             assert "no such file" in str(error)
         if reads and dataset is None:
-            dataset = FrameDataset(path)  # keeps the file open from here on
+            dataset = FrameDataset(path, cache=False)  # keeps the file open from here on
         if dataset is not None and len(dataset):
             assert dataset[len(dataset) - 1].shape == (3, 64, 64)
         if reads == 2 and not second:
