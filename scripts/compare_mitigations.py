@@ -92,7 +92,7 @@ PRESETS = {
                   variants=tuple(v for v in VARIANTS if v not in ("recipe", "fm+da+sn"))),
     # The full DCGAN-64 of Radford et al. 2015 at the full preset's batch and budget: the
     # pipeline's recipe against the DiffAugment + spectral-norm candidate (README, "Recipes").
-    "gpu": Preset(steps=20_000, batch_size=256, ngf=64, ndf=64, nz=100, samples=10_000,
+    "gpu": Preset(steps=56_000, batch_size=256, ngf=64, ndf=64, nz=100, samples=10_000,
                   monitor_interval=2000, monitor_samples=2000, variants=("recipe", "fm+da+sn")),
 }  # fmt: skip
 

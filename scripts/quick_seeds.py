@@ -109,7 +109,7 @@ def budget_lines(rows: list[dict[str, Any]]) -> str:
         for key, band in (("ndb", "ndb_band"), ("sharpness", "sharpness_band")):
             fit = extrapolate(r["curve"], key, r[band][1])
             r[f"{key}_fit"] = fit
-            reach = f"{fit['images'] / 1e6:.2f}M images" if fit["images"] else "not reached"
+            reach = f"{fit['images']:.2g} images" if fit["images"] else "never (not falling)"
             slope = f"{fit['exponent']:.2f}" if fit["exponent"] is not None else "-"
             parts.append(f"{key} ~ images^{slope}, band reached at {reach}")
         lines.append(f"- seed {r['seed']}: " + "; ".join(parts))
