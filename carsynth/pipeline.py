@@ -46,8 +46,8 @@ class Preset:
 # The training recipe of the quick and full presets: the feature-matching DCGAN of Salimans et al.
 # 2016 with Adam's step raised from DCGAN's 2e-4 to 5e-4. scripts/compare_recipes.py measured it
 # on the quick data against plain --fm, 1e-3, an added adversarial term, a low-pass generator and
-# a joint real/fake feature forward (README, "Recipes: what makes frames pass"): at 2,000 steps it
-# halves plain --fm's NDB statistic at every checkpoint and has the lowest sharpness excess.
+# a joint real/fake feature forward (README, "Recipes: what makes frames pass"): its NDB statistic
+# is 0.36-0.62x plain --fm's at every checkpoint to 2,000 steps, with the lowest sharpness excess.
 RECIPE = dict(fm=True, lr=5e-4)
 CANDIDATE = dict(fm=True, diffaugment="color,translation,cutout", spectral_norm=True)
 
