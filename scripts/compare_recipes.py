@@ -105,17 +105,18 @@ def run_one(c: CompareConfig, recipe: str, seed: int) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table: one row per run (its last checkpoint), then the real-data bands."""
+    from carsynth.validation.curve import verdict
+
     lines = [
         "| recipe | seed | steps | seconds | img/s | NDB stat. | sharpness | NDB/K | JS "
         "| collapse | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        verdict = "pass" if r["passed"] else f"FAIL ({', '.join(r['failed'])})"
         lines.append(
             f"| {r['recipe']} | {r['seed']} | {r['step']} | {r['train_seconds']:.0f} "
             f"| {r['images_per_s']:.0f} | {r['ndb']:.1f} | {r['sharpness']:.3f} "
-            f"| {r['ndb_k']:.2f} | {r['js']:.4f} | {r['collapse']:.3f} | {verdict} |"
+            f"| {r['ndb_k']:.2f} | {r['js']:.4f} | {r['collapse']:.3f} | {verdict(r)} |"
         )
     if rows:
         r = rows[0]

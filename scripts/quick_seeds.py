@@ -69,20 +69,21 @@ def run_seed(out: Path, preset: str, seed: int, every: int) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], preset: str) -> str:
     """One row per seed: seconds end to end (and per step), training speed, the gate's verdict."""
+    from carsynth.validation.curve import verdict
+
     lines = [
         "| preset | seed | seconds end to end (collect / train / validate+export) | img/s "
         "| NDB stat. (band) | sharpness (band) | NDB/K | JS (null 95%) | collapse | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        verdict = "pass, exported" if r["passed"] else f"FAIL ({', '.join(r['failed'])})"
         stages = " / ".join(f"{s:.0f}" for s in r["stages"].values())
         low, high = r["sharpness_band"]
         lines.append(
             f"| {preset} | {r['seed']} | {r['seconds']:.0f} ({stages}) | {r['images_per_s']:.0f} "
             f"| {r['ndb']:.2f} (<= {r['ndb_band'][1]:.2f}) | {r['sharpness']:.3f} "
             f"({low:.3f}..{high:.3f}) | {r['ndb_k']:.2f} | {r['js']:.4f} "
-            f"({r['js_null_q95']:.4f}) | {r['collapse']:.3f} | {verdict} |"
+            f"({r['js_null_q95']:.4f}) | {r['collapse']:.3f} | {verdict(r)} |"
         )
     return "\n".join(lines)
 

@@ -38,6 +38,11 @@ def gate_numbers(report: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def verdict(numbers: dict[str, Any]) -> str:
+    """A table cell for :func:`gate_numbers`: "pass", or "FAIL (the failed tests)"."""
+    return "pass" if numbers["passed"] else f"FAIL ({', '.join(numbers['failed'])})"
+
+
 def judge_checkpoints(
     run_dir: str | os.PathLike,
     samples: int = 10_000,
