@@ -63,6 +63,7 @@ class CompareConfig:
     samples: int = 10_000  # generated frames the gate judges per checkpoint (as export's default)
     preset: str = "quick"  # the carsynth.pipeline preset whose sizes and batch are used
     judge_only: bool = False  # judge the checkpoints the runs have, train nothing
+    device: str = "auto"  # training device (carsynth.devices.resolve_device)
     progress: bool = False
 
 
@@ -76,7 +77,7 @@ def train_config(c: CompareConfig, recipe: str, seed: int):
     settings.update(steps=c.steps, checkpoint_interval=c.eval_every, sample_interval=c.eval_every,
                     keep_checkpoints=c.steps // c.eval_every + 1, log_interval=50)  # fmt: skip
     out = Path(c.out) / "runs" / f"{recipe}_s{seed}"
-    return TrainConfig(data=c.data, out=str(out), seed=seed, device="cpu", progress=c.progress,
+    return TrainConfig(data=c.data, out=str(out), seed=seed, device=c.device, progress=c.progress,
                        **settings)  # fmt: skip
 
 
@@ -168,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--samples", type=int, default=d.samples, help="frames judged per checkpoint")
     p.add_argument("--preset", default=d.preset, help="carsynth.pipeline preset of the base")
     p.add_argument("--judge-only", action="store_true", help="judge existing checkpoints only")
+    p.add_argument("--device", default=d.device, help="training device: auto, cuda, mps or cpu")
     p.add_argument("--progress", action="store_true", help="training progress bars")
     return CompareConfig(**vars(p.parse_args(argv)))
 

@@ -30,6 +30,8 @@ def test_recipes_change_only_their_own_settings() -> None:
     }
     assert base["steps"] == 600 and base["checkpoint_interval"] == 200 and base["seed"] == 3
     assert base["keep_checkpoints"] >= 3  # every judged checkpoint is kept
+    assert base["device"] == "auto" and cr.parse_args(
+        ["--data", "d", "--out", "o", "--device", "cpu"]).device == "cpu"  # fmt: skip
     for recipe, changes in cr.RECIPES.items():
         config = dataclasses.asdict(cr.train_config(c, recipe, 3))
         changed = {k: v for k, v in config.items() if base[k] != v and k != "out"}
