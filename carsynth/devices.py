@@ -28,8 +28,8 @@ def resolve_device(
 
     "cuda", "cuda:N", "mps" and "cpu" are taken as given; an unknown or unavailable device is a
     :class:`UsageError` naming ``--device``. ``allow_mps=False`` keeps "auto" off MPS (for code
-    that needs float64, which MPS lacks). Under ``torch.distributed`` a bare "cuda" is this
-    process's GPU (``LOCAL_RANK``).
+    that needs float64, which MPS lacks). A CUDA device always has its index: a bare "cuda" is
+    the current GPU, or under ``torch.distributed`` this process's (``LOCAL_RANK``).
     """
     if isinstance(name, torch.device):
         return name
@@ -44,8 +44,10 @@ def resolve_device(
         raise UsageError(f"--device must be auto, cuda, mps or cpu, got {name!r}")
     if not _available(device.type):
         raise UsageError(f"--device {name}: not available on this machine")
-    if device.type == "cuda" and device.index is None and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda" and device.index is None:
+        # an indexed device: torch.cuda.set_device refuses a bare "cuda" (torch 2.11)
+        index = int(os.environ.get("LOCAL_RANK", 0)) if dist.is_initialized() else None
+        return torch.device("cuda", torch.cuda.current_device() if index is None else index)
     return device
 
 

@@ -92,8 +92,8 @@ def test_pca_space_keeps_the_distances_the_checks_compare(frames) -> None:
     down = Space(32)
     x = frames["heldout_real"][:100]
     exact = "donot_use_mm_for_euclid_dist"  # an independent, per-pair distance computation
-    full = torch.cdist(down.transform(x), down.transform(x), compute_mode=exact).numpy()
-    proj = torch.cdist(pca.transform(x), pca.transform(x), compute_mode=exact).numpy()
+    full = torch.cdist(down.transform(x), down.transform(x), compute_mode=exact).cpu().numpy()
+    proj = torch.cdist(pca.transform(x), pca.transform(x), compute_mode=exact).cpu().numpy()
     assert np.all(proj <= full + 1e-3)
     far = full > np.median(full)
     assert np.median(proj[far] / full[far]) > 0.8
