@@ -12,6 +12,7 @@ from torch import nn
 
 IMAGE_SIZE = 64  # the only frame size these networks produce and accept
 FEATURE_LAYERS = (1, 2, 3, 4)  # discriminator blocks whose output ``fm_layer`` may name
+LOWPASS = ("off", "last", "all")  # where Generator filters its upsamplings (see LowPass)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -51,17 +52,20 @@ class Generator(nn.Module):
 
     Transposed convolutions double the size 4 -> 8 -> 16 -> 32 -> 64 while halving the width
     ngf*8 -> ngf; batch norm and ReLU between them, tanh at the output (Radford et al. 2015).
-    ``lowpass=True`` follows each of the four stride-2 transposed convolutions by
-    :class:`LowPass`.
+    ``lowpass`` follows stride-2 transposed convolutions by :class:`LowPass`: "last" the final
+    one (32x32 -> 64x64) only, "all" each of the four, "off" none.
     """
 
-    def __init__(self, nz: int = 100, ngf: int = 64, lowpass: bool = False) -> None:
+    def __init__(self, nz: int = 100, ngf: int = 64, lowpass: str = "off") -> None:
         super().__init__()
+        if lowpass not in LOWPASS:
+            raise ValueError(f"lowpass must be one of {LOWPASS}, got {lowpass!r}")
         self.nz, self.ngf, self.lowpass = nz, ngf, lowpass
 
-        def upsample(cin: int, cout: int) -> list[nn.Module]:
+        def upsample(cin: int, cout: int, last: bool = False) -> list[nn.Module]:
             conv = nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)
-            return [conv, LowPass()] if lowpass else [conv]
+            filtered = lowpass == "all" or (last and lowpass == "last")
+            return [conv, LowPass()] if filtered else [conv]
 
         def up(cin: int, cout: int) -> list[nn.Module]:
             return [*upsample(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(True)]
@@ -73,7 +77,7 @@ class Generator(nn.Module):
             *up(ngf * 8, ngf * 4),  # 8x8
             *up(ngf * 4, ngf * 2),  # 16x16
             *up(ngf * 2, ngf),  # 32x32
-            *upsample(ngf, 3),  # 64x64
+            *upsample(ngf, 3, last=True),  # 64x64
             nn.Tanh(),
         )
         self.apply(init_weights)

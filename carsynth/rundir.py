@@ -201,7 +201,10 @@ def load_generator(
     config = read_run_config(run_dir)["config"]
 
     def build(state: dict[str, Any]) -> Generator:
-        generator = Generator(config["nz"], config["ngf"], config.get("lowpass", False))
+        # runs from before "last" recorded lowpass as true (every upsampling) or false
+        lowpass = config.get("lowpass", "off")
+        lowpass = {True: "all", False: "off"}.get(lowpass, lowpass)
+        generator = Generator(config["nz"], config["ngf"], lowpass)
         try:
             generator.load_state_dict(state["ema"])
         except (RuntimeError, TypeError, AttributeError):

@@ -37,7 +37,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fm+lr5e-4": {"lr": 5e-4},  # carsynth.pipeline.RECIPE
     "fm+lr1e-3": {"lr": 1e-3},
     "fm+adv": {"adv_weight": 1.0},
-    "fm+lowpass+lr5e-4": {"lowpass": True, "lr": 5e-4},
+    "fm+lowpass+lr5e-4": {"lowpass": "all", "lr": 5e-4},
+    "fm+lowpass-last+lr5e-4": {"lowpass": "last", "lr": 5e-4},
     "fm+da": {"diffaugment": DA},
     "fm+sn": {"spectral_norm": True},
     "fm+da+sn": {"diffaugment": DA, "spectral_norm": True},

@@ -45,7 +45,7 @@ def run_dir(tmp_path_factory):
 
 
 def config(run_dir, out, **overrides) -> ExportConfig:
-    # on the CPU, where frames are bit-identical for any batch size (CUDA: see README, export)
+    # on the CPU, as the CPU-sampled frames they are compared with (CUDA rounds differently)
     values = dict(run=str(run_dir), out=str(out), num=NUM, batch_size=500, device="cpu",
                   progress=False)  # fmt: skip
     values["validation"] = ValidationConfig(**{**CHECKS, **overrides.pop("checks", {})})

@@ -229,7 +229,7 @@ def test_lowpass_runs_train_resume_and_export_with_their_filter(
     from carsynth.rundir import load_generator
 
     config = TrainConfig(data=str(fixture_file), out=str(tmp_path / "run"), nz=8, ngf=8, ndf=8,
-                         batch_size=16, steps=2, fm=True, lowpass=True, progress=False,
+                         batch_size=16, steps=2, fm=True, lowpass="all", progress=False,
                          device="cpu")  # fmt: skip
     run = train(config)
     generator = load_generator(run)
@@ -239,6 +239,32 @@ def test_lowpass_runs_train_resume_and_export_with_their_filter(
     plain = Generator(8, 8)
     assert [p.shape for p in generator.parameters()] == [p.shape for p in plain.parameters()]
     with pytest.raises(UsageError, match="differ from the run: \\['lowpass'\\]"):
-        train(replace(config, steps=3, resume=True, lowpass=False))
+        train(replace(config, steps=3, resume=True, lowpass="last"))
     resumed = load_generator(train(replace(config, steps=3, resume=True)))
     assert sum(isinstance(m, LowPass) for m in resumed.modules()) == 4
+
+
+def test_lowpass_last_filters_only_the_output_and_old_runs_still_load(
+    fixture_file: Path, tmp_path: Path
+) -> None:
+    from carsynth.models import Generator, LowPass
+    from carsynth.rundir import load_generator
+
+    filters = {mode: [i for i, m in enumerate(Generator(8, 8, mode).net) if isinstance(m, LowPass)]
+               for mode in ("off", "last", "all")}  # fmt: skip
+    net = Generator(8, 8, "last").net
+    assert filters["off"] == [] and len(filters["all"]) == 4
+    assert filters["last"] == [len(net) - 2]  # between the last transposed conv and the tanh
+    with pytest.raises(ValueError, match="lowpass must be one of"):
+        Generator(8, 8, "first")
+    with pytest.raises(UsageError, match="--lowpass"):
+        check_config(TrainConfig(data="d", out="o", lowpass="first"))
+    # a run recorded by the version whose --lowpass was a switch (true: every upsampling)
+    config = TrainConfig(data=str(fixture_file), out=str(tmp_path / "run"), nz=8, ngf=8, ndf=8,
+                         batch_size=16, steps=1, fm=True, lowpass="all", progress=False,
+                         device="cpu")  # fmt: skip
+    run = train(config)
+    record = json.loads((run / "config.json").read_text())
+    record["config"]["lowpass"] = True
+    (run / "config.json").write_text(json.dumps(record))
+    assert sum(isinstance(m, LowPass) for m in load_generator(run).modules()) == 4

@@ -401,10 +401,11 @@ def test_loss_dependent_defaults_live_in_the_api(fixture_file: Path, tmp_path: P
 
 
 def test_feature_layers_agree_with_the_model() -> None:
-    from carsynth.models import FEATURE_LAYERS
+    from carsynth.models import FEATURE_LAYERS, LOWPASS
     from carsynth.training import config
 
     assert config.FEATURE_LAYERS == FEATURE_LAYERS
+    assert config.LOWPASS == LOWPASS
 
 
 def test_fingerprint_hashes_head_and_tail(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from carsynth.flags import option, required
 FEATURE_LAYERS = (1, 2, 3, 4)  # carsynth.models.FEATURE_LAYERS, checked equal in the tests
 LOSSES = ("bce", "wgan-gp")
 AMP = ("auto", "bf16", "fp16", "off")
+LOWPASS = ("off", "last", "all")  # carsynth.models.LOWPASS, checked equal in the tests
 # Adam (lr, beta1, beta2) per loss: DCGAN's (Radford et al. 2015), WGAN-GP's (Gulrajani et al. 2017)
 ADAM = {"bce": (2e-4, 0.5, 0.999), "wgan-gp": (1e-4, 0.0, 0.9)}
 CRITIC_STEPS = {"bce": 1, "wgan-gp": 5}
@@ -41,9 +42,10 @@ class TrainConfig:
     nz: int = option(100, "latent size")
     ngf: int = option(64, "generator width (channels of its last hidden layer)")
     ndf: int = option(64, "discriminator width (channels of its first layer)")
-    lowpass: bool = option(
-        False, "a [1,2,1] binomial filter after each upsampling of G (no checkerboard; "
-        "Odena et al. 2016, as StyleGAN)",
+    lowpass: Literal["off", "last", "all"] = option(
+        "off", "a [1,2,1] binomial filter in G (no checkerboard; Odena et al. 2016, as StyleGAN): "
+        "off, last (after the final upsampling) or all (after each)",
+        choices=LOWPASS,
     )  # fmt: skip
     # generator objective
     fm: bool = option(False, "feature-matching generator loss (Salimans et al. 2016)")
@@ -284,6 +286,8 @@ def _bookkeeping(c: TrainConfig) -> None:
         raise UsageError("--stop-on-collapse needs --monitor-interval")
     if c.amp not in AMP:
         raise UsageError(f"--amp must be auto, bf16, fp16 or off, got {c.amp!r}")
+    if c.lowpass not in LOWPASS:
+        raise UsageError(f"--lowpass must be off, last or all, got {c.lowpass!r}")
 
 
 def check_config(c: TrainConfig) -> None:
