@@ -39,6 +39,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fm+adv": {"adv_weight": 1.0},
     "fm+lowpass+lr5e-4": {"lowpass": "all", "lr": 5e-4},
     "fm+lowpass-last+lr5e-4": {"lowpass": "last", "lr": 5e-4},
+    "fm@1+lr5e-4": {"fm_layer": 1, "lr": 5e-4},  # the first D block's features: local texture
+    "fm@2+lr5e-4": {"fm_layer": 2, "lr": 5e-4},
     "fm+da": {"diffaugment": DA},
     "fm+sn": {"spectral_norm": True},
     "fm+da+sn": {"diffaugment": DA, "spectral_norm": True},

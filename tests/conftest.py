@@ -11,8 +11,15 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+# Under pytest-xdist (`-n auto`, the README's test command) the workers share the cores: each
+# gets its share of torch threads instead of all of them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(
+        max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    )
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "data" / "carracing_small.h5"
