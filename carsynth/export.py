@@ -36,7 +36,8 @@ from carsynth.validation import (
     ValidationConfig,
     ValidationResult,
     check_report_dir,
-    validate_frames,
+    fit_reference,
+    judge_frames,
     write_report,
 )
 
@@ -150,6 +151,14 @@ def export(config: ExportConfig) -> ExportResult:
     checkpoint = rundir.generator_checkpoint(config.run)  # the newest that loads
     run_config = read_run_config(config.run)
     generator = load_generator(config.run, device=device, checkpoint=checkpoint)
+    real = {
+        split: (run_frames(config.run, split, config.data),
+                run_episode_ids(config.run, split, config.data))
+        for split in ("train", "holdout")
+    }  # fmt: skip
+    reference = fit_reference(*real["train"], *real["holdout"], config.validation,
+                              progress=config.progress)  # fmt: skip
+    reference.check_size(config.num)  # a too-small --num is refused before any sampling
     frames = sampling.generate_frames(
         generator,
         config.seed,
@@ -159,13 +168,7 @@ def export(config: ExportConfig) -> ExportResult:
         device=device,
         progress=config.progress,
     )
-    real = {
-        split: (run_frames(config.run, split, config.data),
-                run_episode_ids(config.run, split, config.data))
-        for split in ("train", "holdout")
-    }  # fmt: skip
-    result = validate_frames(*real["train"], *real["holdout"], frames, config.validation,
-                             progress=config.progress)  # fmt: skip
+    result = judge_frames(reference, frames, progress=config.progress)
     if config.report:
         write_report(result, config.report, overwrite=config.overwrite)
     if not result.passed and not config.force:

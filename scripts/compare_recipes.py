@@ -41,6 +41,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fm+lowpass-last+lr5e-4": {"lowpass": "last", "lr": 5e-4},
     "fm@1+lr5e-4": {"fm_layer": 1, "lr": 5e-4},  # the first D block's features: local texture
     "fm@2+lr5e-4": {"fm_layer": 2, "lr": 5e-4},
+    "fm2+lr5e-4": {"fm_moments": 2, "lr": 5e-4},  # the features' spread too, per sample
     "fm+da": {"diffaugment": DA},
     "fm+sn": {"spectral_norm": True},
     "fm+da+sn": {"diffaugment": DA, "spectral_norm": True},

@@ -79,8 +79,13 @@ def test_export_refuses_failing_frames_and_writes_nothing(run_dir, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_too_few_frames_are_refused_before_anything_is_written(run_dir, tmp_path):
+def test_too_few_frames_are_refused_before_anything_is_written(run_dir, tmp_path, monkeypatch):
     out = tmp_path / "s.h5"
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before refusing --num")
+
+    monkeypatch.setattr("carsynth.sampling.generate_frames", no_sampling)
     with pytest.raises(UsageError, match=r"the gate needs at least \d+ generated frames .*got 120"):
         export(config(run_dir, out, num=120, force=True))  # --force cannot make a verdict
     assert not out.exists()

@@ -13,7 +13,14 @@ from conftest import run_cli
 from carsynth import storage
 from carsynth.cli import main
 from carsynth.errors import UsageError
-from carsynth.validation import ValidationConfig, real_splits, validate_files, validate_frames
+from carsynth.validation import (
+    ValidationConfig,
+    fit_reference,
+    judge_frames,
+    real_splits,
+    validate_files,
+    validate_frames,
+)
 
 FAST = {"k": 10, "kmeans_iters": 10, "pairs": 4, "ndb_fit_samples": 400, "pca_fit_samples": 400,
         "reps": 200, "reference_frames": 1000}  # fmt: skip
@@ -112,6 +119,23 @@ def test_copies_fail_and_too_few_frames_are_refused(fixture_split) -> None:
         "fake": 2000,
     }
     assert data["tests"]["copying"]["passed"] is False and data["config"]["k"] == 10
+
+
+def test_one_reference_judges_many_sets_as_validate_frames_does(wave_world) -> None:
+    # export and the recipe curves fit the real side once, then judge each generated set
+    w, config = wave_world, ValidationConfig(k=10, pairs=4, reps=200)
+    real = (w["train"], w["train_ep"], w["holdout"], w["holdout_ep"])
+    reference = fit_reference(*real, config)
+    for fake in (w["perfect"], w["noisy"], w["perfect"]):
+        once, twice = validate_frames(*real, fake, config), judge_frames(reference, fake)
+        once, twice = once.to_dict(), twice.to_dict()
+        assert set(once.pop("seconds")) == set(twice.pop("seconds")) == {
+            "fit", "reference", "tests", "total"}  # fmt: skip
+        assert json.dumps(once) == json.dumps(twice)
+    with pytest.raises(UsageError, match="frame sizes differ"):
+        judge_frames(reference, w["perfect"][:, :8, :8])
+    with pytest.raises(UsageError, match="the gate needs at least"):
+        judge_frames(reference, w["perfect"][:50])
 
 
 def test_bad_arrays_and_settings_are_usage_errors(fixture_split, fixture_frames) -> None:

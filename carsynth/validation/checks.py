@@ -29,7 +29,7 @@ from carsynth.progress import Progress
 # The metrics (and torch) are imported where they are used: building the CLI parser reads
 # ValidationConfig, and `carsynth info` should not pay for importing torch.
 if TYPE_CHECKING:
-    from carsynth.validation.gate import GateResult
+    from carsynth.validation.gate import GateResult, RealReference
 
 SPACES = ("pixels", "pca")  # carsynth.metrics.neighbours.SPACES, checked equal in the tests
 
@@ -181,45 +181,74 @@ def validate_frames(
     episode id (``*_episodes``, int (N,)); ``fake`` generated frames, independent unless
     ``fake_episodes`` gives theirs (a real file judged as if generated). All uint8
     (N, H, W, 3) of one size. Bad input, or fewer generated frames than the gate can judge,
-    raises :class:`UsageError`.
+    raises :class:`UsageError`. The same as :func:`judge_frames` on :func:`fit_reference`.
     """
+    k = (config or ValidationConfig()).k
+    _check_inputs({"train": train, "holdout": holdout, "fake": fake}, k)  # before the fit
+    _check_episodes({"fake": (fake, fake_episodes)})
+    reference = fit_reference(train, train_episodes, holdout, holdout_episodes, config, progress)
+    return judge_frames(reference, fake, fake_episodes, progress)
+
+
+def fit_reference(
+    train: np.ndarray,
+    train_episodes: np.ndarray,
+    holdout: np.ndarray,
+    holdout_episodes: np.ndarray,
+    config: ValidationConfig | None = None,
+    progress: bool = False,
+) -> RealReference:
+    """Everything the gate derives from the real frames (bins, neighbour space, the tests'
+    real-data references and the minimum generated size), for :func:`judge_frames` to judge
+    any number of generated sets with; arguments as :func:`validate_frames`'s."""
     from carsynth.metrics.ndb import NDBBins
     from carsynth.metrics.neighbours import neighbour_space
     from carsynth.validation.gate import RealReference
 
     config = config or ValidationConfig()
-    _check_inputs({"train": train, "holdout": holdout, "fake": fake}, config.k)
-    _check_episodes({"train": (train, train_episodes), "holdout": (holdout, holdout_episodes),
-                     "fake": (fake, fake_episodes)})  # fmt: skip
-    seconds: dict[str, float] = {}
-    bar = Progress(3, desc="validate", unit="checks", mode="auto" if progress else "off")
-
-    def stage(name: str, start: float) -> float:
-        now = time.perf_counter()
-        seconds[name] = round(now - start, 3)
+    _check_inputs({"train": train, "holdout": holdout}, config.k)
+    _check_episodes({"train": (train, train_episodes), "holdout": (holdout, holdout_episodes)})
+    with Progress(2, desc="fit real", unit="steps", mode="auto" if progress else "off") as bar:
+        t = time.perf_counter()
+        bins = NDBBins.fit(
+            train, config.k, config.seed, max_fit_samples=config.ndb_fit_samples,
+            iters=config.kmeans_iters, resolution=config.ndb_resolution, device=config.device,
+        )  # fmt: skip
+        space = neighbour_space(
+            train, config.space, resolution=config.nn_resolution, dims=config.pca_dims,
+            fit_samples=config.pca_fit_samples, seed=config.seed, device=config.device,
+        )  # fmt: skip
+        fitted = time.perf_counter()
         bar.update()
-        return now
+        reference = RealReference(train, train_episodes, holdout, holdout_episodes, bins, space,
+                                  config)  # fmt: skip
+        bar.update()
+    reference.seconds = {"fit": round(fitted - t, 3),
+                         "reference": round(time.perf_counter() - fitted, 3)}  # fmt: skip
+    return reference
 
-    t = time.perf_counter()
-    bins = NDBBins.fit(
-        train, config.k, config.seed, max_fit_samples=config.ndb_fit_samples,
-        iters=config.kmeans_iters, resolution=config.ndb_resolution, device=config.device,
-    )  # fmt: skip
-    space = neighbour_space(
-        train, config.space, resolution=config.nn_resolution, dims=config.pca_dims,
-        fit_samples=config.pca_fit_samples, seed=config.seed, device=config.device,
-    )  # fmt: skip
-    t = stage("fit", t)
-    reference = RealReference(train, train_episodes, holdout, holdout_episodes, bins, space,
-                              config)  # fmt: skip
-    t = stage("reference", t)
-    gate = reference.judge(fake, fake_episodes)
-    stage("tests", t)
-    bar.close()
-    fake_index, train_index = gate.copying.closest_pairs(config.pairs)
+
+def judge_frames(
+    reference: RealReference,
+    fake: np.ndarray,
+    fake_episodes: np.ndarray | None = None,
+    progress: bool = False,
+) -> ValidationResult:
+    """The gate's verdict on generated frames ``fake`` against a :func:`fit_reference`;
+    ``fake_episodes`` as in :func:`validate_frames`. Frames of another size than the real ones,
+    or fewer than the gate can judge, raise :class:`UsageError`."""
+    train, holdout = reference.train, reference.holdout
+    _check_inputs({"train": train, "holdout": holdout, "fake": fake}, reference.config.k)
+    _check_episodes({"fake": (fake, fake_episodes)})
+    with Progress(1, desc="validate", unit="checks", mode="auto" if progress else "off") as bar:
+        t = time.perf_counter()
+        gate = reference.judge(fake, fake_episodes)
+        bar.update()
+    seconds = {**reference.seconds, "tests": round(time.perf_counter() - t, 3)}
     seconds["total"] = round(sum(seconds.values()), 3)
+    fake_index, train_index = gate.copying.closest_pairs(reference.config.pairs)
     return ValidationResult(
-        config=config,
+        config=reference.config,
         num_train=len(train),
         num_holdout=len(holdout),
         num_fake=len(fake),
@@ -237,7 +266,7 @@ def _check_episodes(sets: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> No
             raise UsageError(
                 f"{name}: {np.shape(episodes)} episode ids for {len(frames)} frames (one per frame)"
             )
-    if len(np.unique(sets["train"][1])) < 2 or len(np.unique(sets["holdout"][1])) < 1:
+    if "train" in sets and len(np.unique(sets["train"][1])) < 2:
         raise UsageError("train: needs frames of at least 2 episodes to estimate a variance")
 
 

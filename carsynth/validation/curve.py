@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from carsynth import files
-from carsynth.validation.checks import ValidationConfig, validate_frames
+from carsynth.validation.checks import ValidationConfig, fit_reference, judge_frames
 
 CURVE_PANELS = (  # (key, title, log scale): what :func:`plot_curves` draws
     ("ndb", "NDB test: mean z^2 (band dashed)", True),
@@ -58,12 +58,13 @@ def judge_checkpoints(
     real = [part for split in ("train", "holdout")
             for part in (rundir.run_frames(run_dir, split),
                          rundir.run_episode_ids(run_dir, split))]  # fmt: skip
+    reference = fit_reference(*real, config or ValidationConfig(seed=seed))  # once per run
     curve = []
     for checkpoint in rundir.checkpoints(run_dir):
         step = int(checkpoint.stem.split("_")[-1])
         generator = rundir.load_generator(run_dir, "cpu", checkpoint)
         fake = generate_frames(generator, seed, 0, samples)
-        result = validate_frames(*real, fake, config or ValidationConfig(seed=seed))
+        result = judge_frames(reference, fake)
         curve.append({"step": step, "images": step * batch, **gate_numbers(result.to_dict())})
     return curve
 

@@ -206,6 +206,8 @@ class RealReference:
         config: ValidationConfig,
     ) -> None:
         self.config = config
+        self.train, self.holdout = train, holdout  # the judged frames' closest pairs come from them
+        self.seconds: dict[str, float] = {}  # fit_reference's timings, reported with each verdict
         self.level = config.level / len(TESTS)
         self.bins, self.space, self.seed = bins, space, config.seed
         seed = config.seed
