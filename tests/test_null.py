@@ -4,6 +4,7 @@ on data where the null holds they reject at their stated rate, where the i.i.d. 
 from __future__ import annotations
 
 import math
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -23,6 +24,7 @@ from carsynth.metrics.null import (
     frame_null,
     frame_statistic,
     min_frames,
+    null_quantile,
 )
 
 LEVEL, REPLICATES = 0.05, 200
@@ -82,6 +84,18 @@ def test_null_test_p_values_by_hand() -> None:
     assert NullTest("t", 3.5, null, 0.05, "two-sided").p_value == pytest.approx(4 / 5)
     assert NullTest("t", 9.0, null, 0.25, "greater").passed is False  # p = 1/5 < 0.25
     np.testing.assert_allclose(drop_a_third(np.array([0.4, 0.3, 0.2, 0.1])), [0.5, 0.375, 0, 0.125])
+
+
+def test_infinite_replicates_give_bands_not_nan() -> None:
+    # log distance ratios against duplicate frames are infinite; linear interpolation between
+    # two of them computed inf - inf: a NaN band in report.json and a RuntimeWarning
+    null = np.array([1.0, 2.0, 3.0, np.inf, np.inf, np.inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        test = NullTest("t", 2.5, null, 0.1, "two-sided")
+        assert test.band == (1.25, np.inf) and test.quantiles()["q0.99"] == np.inf
+    assert null_quantile(np.array([1.0, 2.0, 3.0, 4.0]), 0.5) == 2.5  # finite: linear, as before
+    assert null_quantile(-null[::-1], 0.1) == -np.inf
 
 
 @pytest.mark.parametrize("generated", ["iid", "episodes"])

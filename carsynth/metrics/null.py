@@ -30,6 +30,7 @@ Each test reports its statistic, the null's quantiles and the bootstrap p-value
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,15 +72,15 @@ class NullTest:
         """The acceptance region's bounds in the statistic's units (null quantiles)."""
         lo, hi = -np.inf, np.inf
         if self.alternative == "greater":
-            hi = np.quantile(self.null, 1 - self.level)
+            hi = null_quantile(self.null, 1 - self.level)
         elif self.alternative == "less":
-            lo = np.quantile(self.null, self.level)
+            lo = null_quantile(self.null, self.level)
         else:
-            lo, hi = np.quantile(self.null, [self.level / 2, 1 - self.level / 2])
+            lo, hi = (null_quantile(self.null, q) for q in (self.level / 2, 1 - self.level / 2))
         return float(lo), float(hi)
 
     def quantiles(self) -> dict[str, float]:
-        return {f"q{q:g}": float(np.quantile(self.null, q)) for q in QUANTILES}
+        return {f"q{q:g}": null_quantile(self.null, q) for q in QUANTILES}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +93,15 @@ class NullTest:
             "null_replicates": len(self.null),
             "null_quantiles": self.quantiles(),
         }
+
+
+def null_quantile(null: np.ndarray, q: float) -> float:
+    """``np.quantile`` of null replicates, which may be infinite (a log distance ratio against a
+    duplicate frame): between two equal infinities linear interpolation computes inf - inf, so
+    there the nearest replicate is the quantile instead of NaN."""
+    with np.errstate(invalid="ignore"):
+        value = float(np.quantile(null, q))
+    return float(np.quantile(null, q, method="nearest")) if math.isnan(value) else value
 
 
 # --- cluster-robust bin shares -------------------------------------------------------------

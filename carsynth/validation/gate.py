@@ -58,6 +58,7 @@ from carsynth.metrics.null import (
     frame_null,
     frame_statistic,
     min_frames,
+    null_quantile,
 )
 from carsynth.metrics.prdc import DensityCoverage, density_coverage
 
@@ -85,7 +86,7 @@ class NDBTest:
 
     def to_dict(self) -> dict[str, Any]:
         def summary(name: str, observed: float, null: np.ndarray, real: float) -> dict[str, Any]:
-            q = {f"q{p:g}": float(np.quantile(null, p)) for p in (0.05, 0.5, 0.95)}
+            q = {f"q{p:g}": null_quantile(null, p) for p in (0.05, 0.5, 0.95)}
             return {"name": name, "generated": observed, "held_out_real": real, "null": q}
 
         return {
