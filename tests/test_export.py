@@ -152,18 +152,19 @@ def test_cli_exit_codes(run_dir, tmp_path):
 
 def test_run_preset_test_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "pipeline"
-    first = run_cli("run", "--preset", "test", "--out", str(out), "--no-progress", "--force")
-    # The plumbing preset's 3 training episodes are too few for the gate to tell a perfect
-    # generator from one missing a third of the modes at any size: it refuses to decide (exit 2,
-    # one line) instead of passing or failing, and --force does not write unjudged frames.
-    assert first.returncode == 2, first.stderr
-    assert "the gate needs more training episodes" in first.stderr
-    for name in ("real.h5", "train/config.json"):
+    first = run_cli("run", "--preset", "test", "--out", str(out), "--no-progress")
+    # The plumbing preset's 4-step GAN fails the gate: exit 1, the report, nothing exported.
+    assert first.returncode == 1, first.stderr
+    assert "validation failed; report in" in first.stdout and "nothing exported" in first.stdout
+    for name in ("real.h5", "train/config.json", "validation/report.json", "report.html"):
         assert (out / name).exists(), name
     assert not (out / "synthetic.h5").exists()
+    forced = run_cli("run", "--preset", "test", "--out", str(out), "--no-progress", "--force")
+    assert forced.returncode == 1 and forced.stdout.count("skipped") == 2, forced.stderr
+    with storage.open_frame_file(out / "synthetic.h5") as f:  # written, marked as forced
+        assert f.frames.shape == (500, 64, 64, 3) and f.attrs["forced"]
     again = run_cli("run", "--preset", "test", "--out", str(out), "--no-progress")
-    assert again.returncode == 2, again.stderr  # collect and train resume as done, then refused
-    assert again.stdout.count("skipped") == 2
+    assert again.returncode == 1 and again.stdout.count("skipped") == 3, again.stderr
 
 
 def test_export_of_a_run_whose_data_moved_takes_data(run_dir, tmp_path, passes):
