@@ -34,14 +34,14 @@ DA = "color,translation,cutout"  # DiffAugment's full policy (Zhao et al. 2020)
 # Each recipe's changes to plain feature matching at the preset's sizes.
 RECIPES: dict[str, dict[str, Any]] = {
     "fm": {},
-    "fm+lr5e-4": {"lr": 5e-4},  # carsynth.pipeline.RECIPE
+    "fm+lr5e-4": {"lr": 5e-4},
     "fm+lr1e-3": {"lr": 1e-3},
     "fm+adv": {"adv_weight": 1.0},
     "fm+lowpass+lr5e-4": {"lowpass": "all", "lr": 5e-4},
     "fm+lowpass-last+lr5e-4": {"lowpass": "last", "lr": 5e-4},
     "fm@1+lr5e-4": {"fm_layer": 1, "lr": 5e-4},  # the first D block's features: local texture
     "fm@2+lr5e-4": {"fm_layer": 2, "lr": 5e-4},
-    "fm2+lr5e-4": {"fm_moments": 2, "lr": 5e-4},  # the features' spread too, per sample
+    "fm2+lr5e-4": {"fm_moments": 2, "lr": 5e-4},  # the spread too: carsynth.pipeline.RECIPE
     "fm+da": {"diffaugment": DA},
     "fm+sn": {"spectral_norm": True},
     "fm+da+sn": {"diffaugment": DA, "spectral_norm": True},
