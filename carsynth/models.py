@@ -110,6 +110,9 @@ class MinibatchDiscrimination(nn.Module):
 class Discriminator(nn.Module):
     """image (B, 3, 64, 64) -> (logits (B,), features of block ``fm_layer``).
 
+    ``fm_layer`` may name several blocks (a tuple): the features are then their outputs,
+    flattened and concatenated (B, sum of C*H*W), so that feature matching matches all of them.
+
     Four strided-convolution blocks halve the size 64 -> 32 -> 16 -> 8 -> 4 with LeakyReLU(0.2),
     batch norm on all but the first (Radford et al. 2015); a 4x4 convolution gives one logit. The
     default feature layer is block 4, the last one before the classifier.
@@ -128,16 +131,17 @@ class Discriminator(nn.Module):
     def __init__(
         self,
         ndf: int = 64,
-        fm_layer: int = 4,
+        fm_layer: int | tuple[int, ...] = 4,
         minibatch_kernels: int = 0,
         minibatch_kernel_dim: int = 5,
         norm: bool = True,
         spectral_norm: bool = False,
     ) -> None:
         super().__init__()
-        if fm_layer not in FEATURE_LAYERS:
-            raise ValueError(f"fm_layer must be one of {FEATURE_LAYERS}, got {fm_layer}")
-        self.ndf, self.fm_layer = ndf, fm_layer
+        layers = (fm_layer,) if isinstance(fm_layer, int) else tuple(fm_layer)
+        if not layers or any(layer not in FEATURE_LAYERS for layer in layers):
+            raise ValueError(f"fm_layer must be in {FEATURE_LAYERS}, got {fm_layer}")
+        self.ndf, self.fm_layer = ndf, layers
         norm = norm and not spectral_norm
 
         def down(cin: int, cout: int, norm: bool) -> nn.Sequential:
@@ -170,12 +174,14 @@ class Discriminator(nn.Module):
         self.per_sample = not norm and self.minibatch is None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = x
+        features = []
         for i, block in enumerate(self.blocks, start=1):
             x = block(x)
-            if i == self.fm_layer:
-                features = x
+            if i in self.fm_layer:
+                features.append(x)
+        if len(features) > 1:
+            features = [torch.cat([f.flatten(1) for f in features], 1)]
         if self.minibatch is not None:
             closeness = self.minibatch(x.flatten(1).float()).to(x.dtype)
             x = torch.cat([x, closeness[:, :, None, None].expand(-1, -1, *x.shape[2:])], 1)
-        return self.classifier(x).flatten(), features
+        return self.classifier(x).flatten(), features[0]

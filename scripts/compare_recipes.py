@@ -39,9 +39,25 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fm+adv": {"adv_weight": 1.0},
     "fm+lowpass+lr5e-4": {"lowpass": "all", "lr": 5e-4},
     "fm+lowpass-last+lr5e-4": {"lowpass": "last", "lr": 5e-4},
-    "fm@1+lr5e-4": {"fm_layer": 1, "lr": 5e-4},  # the first D block's features: local texture
-    "fm@2+lr5e-4": {"fm_layer": 2, "lr": 5e-4},
+    "fm@1+lr5e-4": {"fm_layer": "1", "lr": 5e-4},  # the first D block's features: local texture
+    "fm@2+lr5e-4": {"fm_layer": "2", "lr": 5e-4},
     "fm2+lr5e-4": {"fm_moments": 2, "lr": 5e-4},  # the spread too: carsynth.pipeline.RECIPE
+    # the speckle: settle the weights (linear decay to 0 over the last half or all of the run),
+    # a slower generator, fp32, steadier batch statistics, a shorter Adam memory
+    "fm2+lr5e-4+decay": {"fm_moments": 2, "lr": 5e-4, "lr_decay": 0.5},
+    "fm2+lr5e-4+decay1": {"fm_moments": 2, "lr": 5e-4, "lr_decay": 1.0},
+    "fm2+lr-g2e-4+lr-d5e-4": {"fm_moments": 2, "lr_g": 2e-4, "lr_d": 5e-4},
+    "fm2+lr5e-4+fp32": {"fm_moments": 2, "lr": 5e-4, "amp": "off"},
+    "fm2+lr5e-4+b128": {"fm_moments": 2, "lr": 5e-4, "batch_size": 128},
+    "fm2+lr5e-4+beta2-0.99": {"fm_moments": 2, "lr": 5e-4, "beta2": 0.99},
+    # feature matching on the first block too: local texture statistics beside the last block's
+    "fm2@1,4+lr5e-4": {"fm_moments": 2, "lr": 5e-4, "fm_layer": "1,4"},
+    "fm@1,4+lr5e-4": {"lr": 5e-4, "fm_layer": "1,4"},
+    "fm2@2,4+lr5e-4": {"fm_moments": 2, "lr": 5e-4, "fm_layer": "2,4"},
+    "fm2@1,2,3,4+lr5e-4": {"fm_moments": 2, "lr": 5e-4, "fm_layer": "1,2,3,4"},
+    "fm2+adv0.1+lr5e-4": {"fm_moments": 2, "lr": 5e-4, "adv_weight": 0.1},
+    "fm2+lr1e-3+decay": {"fm_moments": 2, "lr": 1e-3, "lr_decay": 0.5},
+    "fm2+lowpass-last+decay": {"fm_moments": 2, "lr": 5e-4, "lowpass": "last", "lr_decay": 0.5},
     "fm+da": {"diffaugment": DA},
     "fm+sn": {"spectral_norm": True},
     "fm+da+sn": {"diffaugment": DA, "spectral_norm": True},

@@ -1,10 +1,12 @@
-"""The recipe's levers: DiffAugment, spectral norm, TTUR, EMA half-life, second-moment feature
-matching, one discriminator pass over real and generated frames; each formula against values
-worked out by hand or by an independent computation."""
+"""The recipe's levers: DiffAugment, spectral norm, TTUR, the learning-rate decay, EMA half-life,
+second-moment and several-block feature matching, one discriminator pass over real and
+generated frames; each formula against values worked out by hand or by an independent
+computation."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,6 +111,41 @@ def test_old_run_configs_resume_with_the_shared_rate() -> None:
     assert resume_differences(config(lr_g=1e-4).resolved(), config(lr=1e-3)) == ["lr", "lr_g"]
 
 
+def test_linear_decay_to_zero_by_hand() -> None:
+    # 10 updates, the last half decaying: 5/5, 4/5, ..., 1/5 of the rate
+    scales = [config(lr_decay=0.5).lr_scale(step, 10) for step in range(10)]
+    assert scales == pytest.approx([1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
+    assert [config(lr_decay=1.0).lr_scale(s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert {config().lr_scale(s, 4) for s in range(4)} == {1.0}
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(UsageError, match="--lr-decay"):
+            check_config(config(lr_decay=bad))
+
+
+def test_decayed_rates_reach_the_optimisers_and_survive_a_resume(
+    fixture_file: Path, tmp_path: Path
+) -> None:
+    from carsynth.rundir import checkpoint_path
+
+    tiny = dict(data=str(fixture_file), nz=8, ngf=8, ndf=8, batch_size=16, steps=8,
+                lr_g=1e-4, lr_d=3e-4, lr_decay=0.5, checkpoint_interval=4, progress=False,
+                device="cpu")  # fmt: skip
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **tiny))
+    state = torch.load(checkpoint_path(whole, 8), weights_only=True)
+    # the 8th update (the last of 4 decaying ones) ran at 1/4 of each rate
+    assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / 4)
+    assert state["opt_d"]["param_groups"][0]["lr"] == pytest.approx(3e-4 / 4)
+    # a run killed after its step-4 checkpoint resumes on the same schedule, bit for bit
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    checkpoint_path(part, 8).unlink()
+    train(TrainConfig(out=str(part), resume=True, **tiny))
+    resumed = torch.load(checkpoint_path(part, 8), weights_only=True)
+    for key in ("generator", "discriminator", "ema"):
+        for name, value in state[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+
+
 def test_ema_half_life_in_images() -> None:
     # after half_life / batch steps the old weights count half: beta ** (h / b) = 0.5
     c = config(ema_half_life=6400.0)
@@ -139,6 +176,41 @@ def test_second_moment_feature_matching_by_hand() -> None:
     fake = fake.requires_grad_(True)
     losses.feature_matching_loss(real, fake, moments=2).backward()
     assert torch.isfinite(fake.grad).all()
+
+
+def test_several_feature_blocks_are_concatenated() -> None:
+    torch.manual_seed(0)
+    both = Discriminator(ndf=4, fm_layer=(1, 4))
+    x = torch.randn(3, 3, 64, 64)
+    logits, features = both(x)
+    singles = []
+    for layer in (1, 4):  # the same weights, one block each
+        single = Discriminator(ndf=4, fm_layer=layer)
+        single.load_state_dict(both.state_dict())
+        single_logits, f = single(x)
+        assert torch.equal(single_logits, logits)
+        singles.append(f.flatten(1))
+    assert features.shape == (3, 4 * 32 * 32 + 32 * 4 * 4)
+    assert torch.equal(features, torch.cat(singles, 1))
+    # the loss of both blocks is the sum of each block's loss
+    real = torch.randn_like(features)
+    total = losses.feature_matching_loss(real, features, moments=2)
+    split = 4 * 32 * 32
+    parts = [losses.feature_matching_loss(real[:, s], features[:, s], moments=2)
+             for s in (slice(0, split), slice(split, None))]  # fmt: skip
+    assert total.item() == pytest.approx(sum(p.item() for p in parts), rel=1e-6)
+
+
+def test_fm_layer_lists_parse_and_old_runs_resume() -> None:
+    assert config(fm_layer="4,1").fm_layers == (1, 4)
+    assert config(fm_layer="2").resolved()["fm_layer"] == "2"
+    for bad in ("5", "1,x", "", 7):
+        with pytest.raises(UsageError, match="--fm-layer"):
+            check_config(config(fm_layer=bad))
+    saved = config().resolved()
+    saved["fm_layer"] = 4  # runs before several blocks recorded the block as a number
+    assert resume_differences(saved, config()) == []
+    assert resume_differences(saved, config(fm_layer="1,4")) == ["fm_layer"]
 
 
 # ------------------------------------------------------------------------- spectral norm
@@ -183,11 +255,12 @@ def test_cli_flags_train_and_refuse(fixture_file: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--diffaugment" in bad.stderr and not out.exists()
     done = run_cli(*common, "--diffaugment", "color,translation,cutout", "--spectral-norm",
                    "--fm-moments", "2", "--lr-g", "1e-4", "--lr-d", "4e-4",
-                   "--ema-half-life", "1000")  # fmt: skip
+                   "--ema-half-life", "1000", "--lr-decay", "0.5", "--fm-layer", "4,1")  # fmt: skip
     assert done.returncode == 0, done.stderr
     saved = json.loads((out / "config.json").read_text())["config"]
     assert saved["diffaugment"] == "color,translation,cutout" and saved["spectral_norm"]
     assert (saved["lr_g"], saved["lr_d"], saved["fm_moments"]) == (1e-4, 4e-4, 2)
+    assert (saved["lr_decay"], saved["fm_layer"]) == (0.5, "1,4")
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch) -> None:

@@ -49,7 +49,10 @@ class TrainConfig:
     )  # fmt: skip
     # generator objective
     fm: bool = option(False, "feature-matching generator loss (Salimans et al. 2016)")
-    fm_layer: int = option(4, "discriminator block (1..4) whose features are matched; 4 = last")
+    fm_layer: str = option(
+        "4", "discriminator block(s) 1..4 whose features are matched, a comma list: 4 = the "
+        "last, 1,4 = the first and the last together",
+    )  # fmt: skip
     adv_weight: float = option(0.0, "with --fm: weight of an added non-saturating term")
     fm_moments: int = option(
         1, "with --fm: 1 matches feature means (Salimans et al. 2016), 2 also their std devs"
@@ -82,6 +85,10 @@ class TrainConfig:
     lr: float | None = option(None, "Adam learning rate (default 2e-4; wgan-gp: 1e-4)")
     lr_g: float | None = option(None, "generator learning rate (default --lr; TTUR, Heusel 2017)")
     lr_d: float | None = option(None, "discriminator learning rate (default --lr; TTUR)")
+    lr_decay: float = option(
+        0.0, "fraction of the run, at its end, over which both learning rates fall linearly to "
+        "0 (0: constant; CycleGAN's schedule, Zhu et al. 2017)",
+    )  # fmt: skip
     beta1: float | None = option(None, "Adam beta1 (default 0.5; wgan-gp: 0)")
     beta2: float | None = option(None, "Adam beta2 (default 0.999; wgan-gp: 0.9)")
     batch_size: int = option(64, "frames per step and process")
@@ -142,6 +149,19 @@ class TrainConfig:
             float(self.lr_d if self.lr_d is not None else lr),
         )
 
+    def lr_scale(self, step: int, total: int) -> float:
+        """The factor on both learning rates for update ``step`` (0-based) of ``total``.
+
+        1 until the last ``lr_decay * total`` updates, then falling linearly so that the last
+        update is taken at 1/n of the rate, n = the number of decaying updates: the linear decay
+        to zero of CycleGAN (Zhu et al. 2017, section 4: "keep the same learning rate for the
+        first 100 epochs and linearly decay the rate to zero over the next 100 epochs"). The
+        weights settle instead of jittering at the full step, which the EMA alone only averages.
+        """
+        decaying = round(self.lr_decay * total)
+        left = total - step  # updates left, this one included
+        return 1.0 if left > decaying else left / decaying
+
     def ema_beta(self, global_batch: int) -> float:
         """The EMA generator's decay per step: ``ema_decay``, or with ``ema_half_life`` the decay
         after which an update's weight has halved once ``ema_half_life`` images have passed,
@@ -149,6 +169,19 @@ class TrainConfig:
         if self.ema_half_life is None:
             return self.ema_decay
         return 0.5 ** (global_batch / self.ema_half_life)
+
+    @property
+    def fm_layers(self) -> tuple[int, ...]:
+        """The discriminator blocks whose features are matched (``fm_layer`` parsed, sorted)."""
+        try:
+            layers = tuple(sorted({int(part) for part in str(self.fm_layer).split(",")}))
+        except ValueError:
+            layers = ()
+        if not layers or any(layer not in FEATURE_LAYERS for layer in layers):
+            raise UsageError(
+                f"--fm-layer must be a comma list of {FEATURE_LAYERS}, got {self.fm_layer!r}"
+            )
+        return layers
 
     @property
     def augment_policy(self) -> tuple[str, ...]:
@@ -170,6 +203,7 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         values["lr"], values["beta1"], values["beta2"] = self.adam
         values["lr_g"], values["lr_d"] = self.learning_rates
+        values["fm_layer"] = ",".join(map(str, self.fm_layers))
         return values
 
 
@@ -235,8 +269,7 @@ def _size(c: TrainConfig) -> None:
 def _objective(c: TrainConfig) -> None:
     if c.loss not in LOSSES:
         raise UsageError(f"--loss must be bce or wgan-gp, got {c.loss!r}")
-    if c.fm_layer not in FEATURE_LAYERS:
-        raise UsageError(f"--fm-layer must be one of {FEATURE_LAYERS}, got {c.fm_layer}")
+    c.fm_layers  # noqa: B018 (parses --fm-layer: a UsageError naming it)
     if c.minibatch_kernels < 0 or c.minibatch_kernel_dim < 1:
         raise UsageError("--minibatch-kernels must be >= 0 and --minibatch-kernel-dim >= 1")
     if not 0.0 < c.real_label <= 1.0:
@@ -264,6 +297,9 @@ def _objective(c: TrainConfig) -> None:
         raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
     if c.ema_half_life is not None and not c.ema_half_life > 0:
         raise UsageError(f"--ema-half-life must be > 0 images, got {c.ema_half_life}")
+    _finite("--lr-decay", c.lr_decay)
+    if not 0.0 <= c.lr_decay <= 1.0:
+        raise UsageError(f"--lr-decay must be in [0, 1], got {c.lr_decay}")
     if min(c.learning_rates) <= 0:
         raise UsageError("--lr-g and --lr-d must be > 0")
     if c.fm_moments not in (1, 2):
@@ -304,6 +340,8 @@ def resume_differences(saved: dict[str, Any], mine: TrainConfig) -> list[str]:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     # runs from before lr_g/lr_d existed trained both networks at lr
     saved = {"lr_g": saved.get("lr"), "lr_d": saved.get("lr"), **saved}
+    # runs from before several feature layers recorded one block as a number
+    saved["fm_layer"] = str(saved.get("fm_layer", defaults["fm_layer"]))
     values = mine.resolved()
     differ = {k for k in values if k not in RESUMABLE and saved.get(k, defaults[k]) != values[k]}
     # a network's rate that follows lr on both sides is reported as lr alone

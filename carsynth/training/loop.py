@@ -287,6 +287,8 @@ class Trainer:
                 # (0) Ctrl-C or SIGTERM since the last step: save this step, stop
                 if self._stop_requested(signals, step):
                     self._interrupt(step, signals)
+                if c.lr_decay:
+                    self.nets.scale_learning_rates(c, step, plan.total)
                 # (1) update D critic_steps times, each on its own batch and noise; the G update
                 # then uses the last of them (its fake batch keeps the generator's graph).
                 for i in range(plan.critic_steps):

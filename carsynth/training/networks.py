@@ -39,7 +39,7 @@ class Networks:
         generator = Generator(c.nz, c.ngf, c.lowpass).to(device)
         discriminator = Discriminator(
             c.ndf,
-            c.fm_layer,
+            c.fm_layers,
             c.minibatch_kernels,
             c.minibatch_kernel_dim,
             norm=c.loss == "bce",
@@ -64,6 +64,14 @@ class Networks:
             }
         return cls(generator, discriminator, ema, opt_g, opt_d, scaler, amp_dtype, channels_last,
                    history)  # fmt: skip
+
+    def scale_learning_rates(self, c: TrainConfig, step: int, total: int) -> None:
+        """Both optimisers at their configured rate times ``c.lr_scale`` for update ``step``
+        (set every step, so a resumed run continues the schedule where it stopped)."""
+        scale = c.lr_scale(step, total)
+        for opt, lr in zip((self.opt_g, self.opt_d), c.learning_rates, strict=True):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
 
     def history_of(self, net: str) -> list[torch.Tensor] | None:
         return self.history[net] if self.history is not None else None
