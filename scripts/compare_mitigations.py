@@ -42,6 +42,7 @@ from PIL import Image
 from carsynth import files
 from carsynth.errors import UsageError
 from carsynth.pipeline import CANDIDATE, RECIPE
+from carsynth.pipeline import PRESETS as PIPELINE
 
 # Each variant's changes to the baseline TrainConfig. Sources: Radford et al. 2015 (bce),
 # Salimans et al. 2016 (fm, minibatch discrimination with B=100 kernels of C=5 as in their code,
@@ -92,8 +93,9 @@ PRESETS = {
                   variants=tuple(v for v in VARIANTS if v not in ("recipe", "fm+da+sn"))),
     # The full DCGAN-64 of Radford et al. 2015 at the full preset's batch and budget: the
     # pipeline's recipe against the DiffAugment + spectral-norm candidate (README, "Recipes").
-    "gpu": Preset(steps=56_000, batch_size=256, ngf=64, ndf=64, nz=100, samples=10_000,
-                  monitor_interval=2000, monitor_samples=2000, variants=("recipe", "fm+da+sn")),
+    "gpu": Preset(steps=PIPELINE["full"].train["steps"], batch_size=256, ngf=64, ndf=64, nz=100,
+                  samples=10_000, monitor_interval=2000, monitor_samples=2000,
+                  variants=("recipe", "fm+da+sn")),
 }  # fmt: skip
 
 

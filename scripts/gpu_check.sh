@@ -60,10 +60,10 @@ full=$(interval "$WORK/bench_train_full.json" 256)
 quick=$(interval "$WORK/bench_train_quick.json" 64)
 echo "judged every $full steps (full sizes), $quick steps (quick sizes), $limit s at most"
 timed curve_full "$limit" python3 scripts/compare_recipes.py --data "$DATA" \
-    --out "$WORK/curve_full" --preset full --recipes fm+lr5e-4 --steps $((full * 5)) \
+    --out "$WORK/curve_full" --preset full --recipes fm2+lr5e-4 --steps $((full * 5)) \
     --eval-every "$full" --device cuda &
 timed curve_quick "$limit" python3 scripts/compare_recipes.py --data "$DATA" \
-    --out "$WORK/curve_quick" --preset quick --recipes fm+lr5e-4 --steps $((quick * 5)) \
+    --out "$WORK/curve_quick" --preset quick --recipes fm2+lr5e-4 --steps $((quick * 5)) \
     --eval-every "$quick" --device cuda &
 timed pytest "$limit" env OMP_NUM_THREADS=2 python3 -m pytest -q -n 6 --timeout 200 \
     -p no:cacheprovider &

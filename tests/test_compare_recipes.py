@@ -74,3 +74,10 @@ def test_bad_input_exit_2(fixture_file: Path, tmp_path: Path, capsys) -> None:
     assert cr.main([*base, "--steps", "3", "--eval-every", "2"]) == 2
     assert cr.main(["--data", str(tmp_path / "missing.h5"), "--out", str(tmp_path)]) == 2
     assert "missing.h5: no such file" in capsys.readouterr().err
+
+
+def test_the_screens_recipe_arm_is_the_pipelines_recipe() -> None:
+    # scripts/gpu_check.sh and the README's screens name this arm for carsynth.pipeline.RECIPE
+    from carsynth.pipeline import RECIPE
+
+    assert {"fm": True, **cr.RECIPES["fm2+lr5e-4"]} == RECIPE
