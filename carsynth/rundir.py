@@ -197,13 +197,12 @@ def load_generator(
     """The EMA generator of a checkpoint (default: the newest that loads), in eval mode."""
     from carsynth.devices import resolve_device
     from carsynth.models import Generator
+    from carsynth.training.config import lowpass_setting
 
     config = read_run_config(run_dir)["config"]
 
     def build(state: dict[str, Any]) -> Generator:
-        # runs from before "last" recorded lowpass as true (every upsampling) or false
-        lowpass = config.get("lowpass", "off")
-        lowpass = {True: "all", False: "off"}.get(lowpass, lowpass)
+        lowpass = lowpass_setting(config.get("lowpass", "off"))
         generator = Generator(config["nz"], config["ngf"], lowpass)
         try:
             generator.load_state_dict(state["ema"])

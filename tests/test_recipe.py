@@ -213,6 +213,14 @@ def test_fm_layer_lists_parse_and_old_runs_resume() -> None:
     assert resume_differences(saved, config(fm_layer="1,4")) == ["fm_layer"]
 
 
+def test_old_boolean_lowpass_runs_resume_unchanged() -> None:
+    # runs from before --lowpass last recorded true (every upsampling) or false
+    for old, same in ((False, "off"), (True, "all")):
+        saved = {**config().resolved(), "lowpass": old}
+        assert resume_differences(saved, config(lowpass=same)) == []
+        assert resume_differences(saved, config(lowpass="last")) == ["lowpass"]
+
+
 # ------------------------------------------------------------------------- spectral norm
 def test_spectral_norm_bounds_every_convolution() -> None:
     torch.manual_seed(0)

@@ -334,6 +334,12 @@ def check_config(c: TrainConfig) -> None:
     _bookkeeping(c)
 
 
+def lowpass_setting(recorded: Any) -> str:
+    """A run's recorded ``lowpass`` as today's setting: runs from before "last" recorded it as
+    true (a filter after every upsampling: "all") or false ("off")."""
+    return {True: "all", False: "off"}.get(recorded, recorded)
+
+
 def resume_differences(saved: dict[str, Any], mine: TrainConfig) -> list[str]:
     """The settings of ``mine`` that differ from a run's recorded ones and may not change on
     ``--resume`` (a setting missing from an older config.json had its default value then)."""
@@ -342,6 +348,7 @@ def resume_differences(saved: dict[str, Any], mine: TrainConfig) -> list[str]:
     saved = {"lr_g": saved.get("lr"), "lr_d": saved.get("lr"), **saved}
     # runs from before several feature layers recorded one block as a number
     saved["fm_layer"] = str(saved.get("fm_layer", defaults["fm_layer"]))
+    saved["lowpass"] = lowpass_setting(saved.get("lowpass", defaults["lowpass"]))
     values = mine.resolved()
     differ = {k for k in values if k not in RESUMABLE and saved.get(k, defaults[k]) != values[k]}
     # a network's rate that follows lr on both sides is reported as lr alone
