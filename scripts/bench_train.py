@@ -153,7 +153,7 @@ def lever_rate(args: argparse.Namespace, frames: torch.Tensor, lever: dict) -> f
         discriminator_step(d, nets.opt_d, nets.scaler, x, fake, objective, amp, augment=augment,
                            joint=joint)  # fmt: skip
         generator_step(g, d, nets.opt_g, nets.scaler, x, fake, objective, amp, augment=augment)
-        nets.average(i, 0.999)
+        nets.average(i, config.ema_beta(args.batch_size, i))
 
     for i in range(3):
         step(i)

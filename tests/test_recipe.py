@@ -149,12 +149,28 @@ def test_decayed_rates_reach_the_optimisers_and_survive_a_resume(
 def test_ema_half_life_in_images() -> None:
     # after half_life / batch steps the old weights count half: beta ** (h / b) = 0.5
     c = config(ema_half_life=6400.0)
-    beta = c.ema_beta(64)
+    beta = c.ema_beta(64, step=10**6)  # past the warm-up
     assert beta == pytest.approx(0.5 ** (1 / 100))
     assert beta**100 == pytest.approx(0.5)
-    assert config(ema_decay=0.99).ema_beta(64) == 0.99
+    assert config(ema_decay=0.99).ema_beta(64, step=10**6) == 0.99
     with pytest.raises(UsageError, match="--ema-half-life"):
         check_config(config(ema_half_life=0.0))
+
+
+def test_ema_warm_up_and_ramp_up_by_hand() -> None:
+    # (1 + t) / (10 + t) caps any decay: at step 2999 it is 0.997, whatever the half-life, so a
+    # 3,000-step run averages the same with the default decay and a half-life of 100,000 images
+    for c in (config(), config(ema_half_life=100_000.0)):
+        assert c.ema_beta(64, 0) == pytest.approx(0.1)
+        assert c.ema_beta(64, 2999) == pytest.approx(3000 / 3009)
+    # stylegan2-ada's ramp-up instead: half-life min(H, r * images seen)
+    c = config(ema_half_life=100_000.0, ema_rampup=0.5)
+    assert c.ema_beta(64, 99) == pytest.approx(0.5 ** (64 / (0.5 * 6400)))  # 3,200 images
+    assert c.ema_beta(64, 2999) == pytest.approx(0.5 ** (64 / 96_000))
+    assert c.ema_beta(64, 10**6) == pytest.approx(0.5 ** (64 / 100_000))
+    for bad in (config(ema_rampup=0.5), config(ema_half_life=1e5, ema_rampup=0.0)):
+        with pytest.raises(UsageError, match="--ema-rampup"):
+            check_config(bad)
 
 
 def test_optimisers_get_their_own_rates(fixture_file: Path, tmp_path: Path) -> None:

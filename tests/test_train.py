@@ -309,7 +309,8 @@ def test_collapse_monitor_logs_and_stops(
         {"real_label": 0.9, "minibatch_kernels": 4, "historical_weight": 0.5, "fm": True},
         {"unrolled_steps": 2},
         {"fm": True, "fm_moments": 2, "spectral_norm": True, "diffaugment": "color,translation,"
-         "cutout", "lr_g": 1e-4, "lr_d": 4e-4, "ema_half_life": 500.0},
+         "cutout", "lr_g": 1e-4, "lr_d": 4e-4, "ema_half_life": 500.0,
+         "ema_rampup": 0.5, "fm_layer": "1,4"},
     ],
 )  # fmt: skip
 def test_resume_is_bit_identical(fixture_file: Path, tmp_path: Path, changes: dict) -> None:

@@ -114,6 +114,11 @@ class TrainConfig:
         None, "EMA half-life in images (Karras et al.): decay 0.5 ** (batch / it); "
         "replaces --ema-decay",
     )  # fmt: skip
+    ema_rampup: float | None = option(
+        None, "with --ema-half-life: cap the half-life at this fraction of the images seen "
+        "(stylegan2-ada's ema_rampup) instead of the (1+t)/(10+t) warm-up, which below ~9,000 "
+        "steps sets the average whatever the half-life",
+    )  # fmt: skip
     # collapse monitor (carsynth.monitor)
     monitor_interval: int = option(0, "steps between collapse checks (NDB + collapse; 0: off)")
     monitor_samples: int = option(500, "EMA samples per collapse check")
@@ -162,13 +167,25 @@ class TrainConfig:
         left = total - step  # updates left, this one included
         return 1.0 if left > decaying else left / decaying
 
-    def ema_beta(self, global_batch: int) -> float:
-        """The EMA generator's decay per step: ``ema_decay``, or with ``ema_half_life`` the decay
-        after which an update's weight has halved once ``ema_half_life`` images have passed,
-        0.5 ** (global_batch / ema_half_life) (Karras et al. 2020, stylegan2-ada's ema_kimg)."""
-        if self.ema_half_life is None:
-            return self.ema_decay
-        return 0.5 ** (global_batch / self.ema_half_life)
+    def ema_beta(self, global_batch: int, step: int) -> float:
+        """The EMA generator's decay after update ``step`` (0-based), warm-up included.
+
+        ``ema_decay`` d, or with ``ema_half_life`` H the decay after which an update's weight has
+        halved once H images have passed, 0.5 ** (global_batch / H) (Karras et al. 2020,
+        stylegan2-ada's ema_kimg). The warm-up keeps short runs from being dominated by the
+        initialisation: min(d, (1 + t) / (10 + t)) (TensorFlow's ExponentialMovingAverage with
+        num_updates), which caps the average at about the last tenth of the run, so that below
+        about 9,000 updates it, not d or H, sets the decay; or with ``ema_rampup`` r, the
+        half-life is capped at r times the images seen so far instead (stylegan2-ada's
+        ema_rampup), so that r = 0.5 averages over about the later half of the run.
+        """
+        if self.ema_half_life is not None and self.ema_rampup is not None:
+            half_life = min(self.ema_half_life, self.ema_rampup * global_batch * (step + 1))
+            return 0.5 ** (global_batch / half_life)
+        beta = self.ema_decay
+        if self.ema_half_life is not None:
+            beta = 0.5 ** (global_batch / self.ema_half_life)
+        return min(beta, (1 + step) / (10 + step))
 
     @property
     def fm_layers(self) -> tuple[int, ...]:
@@ -297,6 +314,12 @@ def _objective(c: TrainConfig) -> None:
         raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
     if c.ema_half_life is not None and not c.ema_half_life > 0:
         raise UsageError(f"--ema-half-life must be > 0 images, got {c.ema_half_life}")
+    if c.ema_rampup is not None:
+        _finite("--ema-rampup", c.ema_rampup)
+        if c.ema_half_life is None or not c.ema_rampup > 0:
+            raise UsageError(
+                f"--ema-rampup needs --ema-half-life and must be > 0, got {c.ema_rampup}"
+            )
     _finite("--lr-decay", c.lr_decay)
     if not 0.0 <= c.lr_decay <= 1.0:
         raise UsageError(f"--lr-decay must be in [0, 1], got {c.lr_decay}")

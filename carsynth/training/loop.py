@@ -305,7 +305,7 @@ class Trainer:
                     self.nets.opt_d, self.augment,
                 )  # fmt: skip
                 # (3) running averages: historical means and the EMA generator
-                self.nets.average(step, c.ema_beta(plan.global_batch))
+                self.nets.average(step, c.ema_beta(plan.global_batch, step))
                 with torch.no_grad():
                     sums += torch.cat([d_stats[:1], g_loss.detach().float().view(1), d_stats[1:]])
                 self.since += 1

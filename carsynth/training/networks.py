@@ -104,15 +104,14 @@ class Networks:
         return to_float(frames).contiguous(memory_format=layout)
 
     @torch.no_grad()
-    def average(self, step: int, ema_decay: float) -> None:
-        """After update ``step``: the historical means, then the EMA generator (warmed up so
-        that short runs are not dominated by the initialisation)."""
+    def average(self, step: int, decay: float) -> None:
+        """After update ``step``: the historical means, then the EMA generator at ``decay``
+        (:meth:`TrainConfig.ema_beta`, its warm-up included)."""
         g_params = list(self.generator.parameters())
         if self.history is not None:  # the mean of the step + 2 parameter sets seen so far
             torch._foreach_lerp_(self.history["g"], g_params, 1.0 / (step + 2))
             torch._foreach_lerp_(self.history["d"], list(self.discriminator.parameters()),
                                  1.0 / (step + 2))  # fmt: skip
-        decay = min(ema_decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(list(self.ema.parameters()), g_params, 1.0 - decay)
         for e, g in zip(self.ema.buffers(), self.generator.buffers(), strict=True):
             e.copy_(g)
