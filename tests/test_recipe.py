@@ -173,6 +173,26 @@ def test_ema_warm_up_and_ramp_up_by_hand() -> None:
             check_config(bad)
 
 
+@pytest.mark.parametrize("changes, beta", [
+    ({}, 0.1),  # the warm-up (1 + 0) / (10 + 0)
+    ({"ema_half_life": 1e6, "ema_rampup": 0.25}, 0.5**4),  # half-life 0.25 x 16 images seen
+])  # fmt: skip
+def test_the_loop_averages_at_the_configured_decay(
+    fixture_file: Path, tmp_path: Path, changes: dict, beta: float
+) -> None:
+    from carsynth.models import Generator
+
+    run = train(TrainConfig(data=str(fixture_file), out=str(tmp_path / "r"), nz=8, ngf=8, ndf=8,
+                            batch_size=16, steps=1, progress=False, device="cpu",
+                            **changes))  # fmt: skip
+    state = torch.load(run / "checkpoints" / "ckpt_0000001.pt", weights_only=True)
+    torch.manual_seed(0)  # the seeded initialisation the EMA starts from (Networks.build)
+    start = dict(Generator(8, 8).named_parameters())  # buffers are copied, not averaged
+    for name, init in start.items():
+        expected = init.detach() + (1 - beta) * (state["generator"][name] - init.detach())
+        assert torch.allclose(state["ema"][name], expected, atol=1e-6), name
+
+
 def test_optimisers_get_their_own_rates(fixture_file: Path, tmp_path: Path) -> None:
     run = train(TrainConfig(data=str(fixture_file), out=str(tmp_path / "r"), nz=8, ngf=8, ndf=8,
                             batch_size=16, steps=1, lr_g=1e-4, lr_d=3e-4, progress=False,
