@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import h5py
@@ -430,3 +431,42 @@ def test_a_huge_episode_count_starts_at_once_and_stops_on_ctrl_c(tmp_path):
     assert "continue with: carsynth collect" in process.stderr.read()
     with storage.open_frame_file(out) as f:
         assert f.num_episodes >= 1 and f.attrs["episodes_requested"] == 100_000_000
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_taken_by_another_thread_waits_for_the_whole_episode(signum) -> None:
+    # The worker pool gives the process other threads, and the kernel may hand a Ctrl-C or a
+    # SIGTERM to any of them; Python still raises in the main thread at once. Blocking the
+    # signals in the main thread let that land between the frames and the episode's table
+    # row: a killed collection left a file that no longer opened.
+    from carsynth.cli import _interrupt
+    from carsynth.collect.workers import _append_uninterrupted
+
+    go = threading.Event()
+
+    def send() -> None:  # a thread that was there before the append, signals unblocked
+        go.wait()
+        signal.pthread_kill(threading.get_ident(), signum)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+
+    class Writer:
+        finished = False
+
+        def append_episode(self, episode) -> None:
+            go.set()
+            sender.join()
+            for _ in range(100):  # bytecode on which a pending handler would run
+                time.sleep(0.001)
+            self.finished = True
+
+    writer = Writer()
+    before = signal.signal(signal.SIGTERM, _interrupt)  # as the CLI sets it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _append_uninterrupted(writer, None)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert writer.finished  # the episode was written whole, then the stop came
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

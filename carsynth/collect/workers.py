@@ -368,13 +368,30 @@ def _open_output(
 
 
 def _append_uninterrupted(writer: storage.FrameWriter, episode: storage.Episode) -> None:
-    """Append an episode with SIGINT and SIGTERM held back until it is written whole."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Append an episode with SIGINT and SIGTERM held back until it is written whole.
+
+    Python runs signal handlers in the main thread whichever thread the kernel gave the signal
+    to, so blocking the signals in this thread (``pthread_sigmask``) does not hold them back
+    when the process has other threads (the worker pool's): the handlers are swapped for ones
+    that only note the signal, and the noted signal is handed to the old handler afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        writer.append_episode(episode)  # Python handlers, and KeyboardInterrupt, run elsewhere
+        return
+    noted: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: noted.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
     try:
         writer.append_episode(episode)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if noted:  # the first signal, as if it came now
+        handler = previous[noted[0]]
+        if callable(handler):
+            handler(noted[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(noted[0])
 
 
 def _collect_into(writer: storage.FrameWriter, config: CollectConfig) -> None:
